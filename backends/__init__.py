@@ -1,0 +1,1 @@
+"""Lowering and runtimes (imported as ``qcompiler.backends``): onnx_qdq and ort."""

@@ -1,0 +1,290 @@
+"""onnx_qdq: lower the calibrated fake-quant program to an ONNX QDQ model, and the onnx-int8 target.
+
+Rule: the deployed graph computes exactly what the fake-quant graph computes.
+
+- A weight quantizer becomes an integer initializer (int8, values already inside the low-bit
+  range) feeding ``DequantizeLinear`` (per output channel on axis 0).
+- The bias of a conv/linear whose input and weight are quantized becomes an int32 initializer with
+  scale ``s_in * s_w`` feeding ``DequantizeLinear``, as ONNX Runtime's integer kernels expect.
+- An activation quantizer becomes ``QuantizeLinear -> [Clip(int bounds)] -> DequantizeLinear``
+  into uint8. The Clip keeps a sub-8-bit range (e.g. [0, 15]) that the 8-bit container would lose.
+- A clamp-like activation (relu, relu6, clamp) whose only user is a quantizer is folded into the
+  quantizer's integer bounds: ``clamp(round(clip(x, a, b) / s) + z, lo, hi)`` equals
+  ``clamp(round(x / s) + z, max(lo, round(a / s) + z), min(hi, round(b / s) + z))`` because
+  rounding is monotone. The conv then feeds QuantizeLinear directly and fuses into an integer kernel.
+
+The graph is exported with ``torch.onnx.export`` (dynamo), the ``qc::`` ops translated to ONNX
+by the table below; every other op keeps its standard translation.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+
+import onnx
+import torch
+from onnxscript import opset18 as op
+from torch import fx, nn
+
+from qcompiler.errors import LoweringError, PreconditionError
+from qcompiler.ir import registry
+from qcompiler.ir.passes import Pass, PassResult, require_graph
+from qcompiler.ir.program import Program
+from qcompiler.ir.target import Placement
+from qcompiler.quantizers.uniform import UniformQuantizer
+
+log = logging.getLogger("qcompiler.onnx_qdq")
+
+OPSET = 18
+
+# ------------------------------------------------------------------ the qc:: ops and their ONNX form
+
+
+@torch.library.custom_op("qc::qdq", mutates_args=())
+def qdq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Per-tensor quantize (to zero_point's dtype), clamp to [lo, hi], dequantize."""
+    z = zero_point.to(torch.float32)
+    q = torch.clamp(torch.round(x / scale) + z, lo, hi)
+    return (q - z) * scale
+
+
+@qdq.register_fake
+def _(x, scale, zero_point, lo, hi):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qc::dequantize", mutates_args=())
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    """Dequantize stored integers, per channel along ``axis`` when ``scale`` is a vector."""
+    shape = [1] * q.dim()
+    if scale.dim() == 1 and q.dim() > 0:
+        shape[axis] = -1
+    return (q.to(torch.float32) - zero_point.to(torch.float32).reshape(shape if scale.dim() else [])) * \
+        scale.reshape(shape if scale.dim() else [])
+
+
+@dequantize.register_fake
+def _(q, scale, zero_point, axis):  # noqa: ANN001, ANN202
+    return torch.empty(q.shape, dtype=torch.float32)
+
+
+def _qdq_onnx(x, scale, zero_point, lo: int, hi: int):  # noqa: ANN001, ANN202
+    q = op.QuantizeLinear(x, scale, zero_point)
+    if (lo, hi) not in ((0, 255), (-128, 127)):
+        q = op.Clip(q, op.CastLike(op.Constant(value_int=lo), zero_point),
+                    op.CastLike(op.Constant(value_int=hi), zero_point))
+    return op.DequantizeLinear(q, scale, zero_point)
+
+
+def _dequantize_onnx(q, scale, zero_point, axis: int):  # noqa: ANN001, ANN202
+    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+
+TRANSLATIONS = {torch.ops.qc.qdq.default: _qdq_onnx, torch.ops.qc.dequantize.default: _dequantize_onnx}
+
+
+class QdqActivation(nn.Module):
+    """Deployed activation quantizer: Q -> Clip(lo, hi) -> DQ with a uint8/int8 zero point."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int, signed: bool) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone().float().reshape(()))
+        self.register_buffer("zero_point", zero_point.detach().round().to(torch.int8 if signed else torch.uint8)
+                             .reshape(()))
+        self.lo, self.hi = int(lo), int(hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qc.qdq(x, self.scale, self.zero_point, self.lo, self.hi)
+
+
+class QdqConstant(nn.Module):
+    """Deployed constant: stored integers and their scale/zero point, dequantized at run time."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> None:
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale.detach().clone().float())
+        self.register_buffer("zero_point", zero_point.detach().round().to(q.dtype))
+        self.axis = axis
+
+    def forward(self) -> torch.Tensor:
+        return torch.ops.qc.dequantize(self.q, self.scale, self.zero_point, self.axis)
+
+
+# ------------------------------------------------------------------ the lowering pass
+
+
+def _quantizer(gm: fx.GraphModule, node: object, which: str) -> UniformQuantizer | None:
+    if isinstance(node, fx.Node) and node.meta.get("qc.quantizer") == which:
+        q = gm.get_submodule(node.target)
+        return q if isinstance(q, UniformQuantizer) else None
+    return None
+
+
+def _delete_attr(gm: fx.GraphModule, target: str) -> None:
+    *path, leaf = target.split(".")
+    mod = gm.get_submodule(".".join(path)) if path else gm
+    if hasattr(mod, leaf):
+        delattr(mod, leaf)
+
+
+def build_deploy_graph(program: Program) -> tuple[fx.GraphModule, dict]:
+    """A copy of the fake-quant graph with quantizers replaced by their integer (QDQ) form."""
+    gm = copy.deepcopy(program.gm)
+    stats = {"int_weights": 0, "int_biases": 0, "activations": 0, "folded_clamps": 0, "clipped": 0}
+    for node in list(gm.graph.nodes):
+        if node.meta.get("qc.quantizer") != "bias":
+            continue
+        b_attr = node.args[0]
+        bq, s = gm.get_submodule(node.target).int_repr(registry.get_tensor(gm, str(b_attr.target)).detach().float())
+        name = f"{node.target}_int"
+        gm.add_submodule(name, QdqConstant(bq, s, torch.zeros_like(s), 0))
+        with gm.graph.inserting_before(node):
+            new_b = gm.graph.call_module(name, ())
+        node.replace_all_uses_with(new_b)
+        gm.graph.erase_node(node)
+        if not b_attr.users:
+            gm.graph.erase_node(b_attr)
+            _delete_attr(gm, str(b_attr.target))
+        stats["int_biases"] += 1
+    for node in list(gm.graph.nodes):
+        if registry.kind(node, gm) not in registry.WEIGHTED_KINDS:
+            continue
+        wq_node = registry.args_of(node, gm)["weight"]
+        wq = _quantizer(gm, wq_node, "weight")
+        if wq is None:
+            continue
+        w_attr = wq_node.args[0]
+        w = registry.get_tensor(gm, str(w_attr.target)).detach()
+        axis = wq.spec.axis if wq.spec.axis is not None else 0
+        q = wq.int_repr(w).to(torch.int8 if wq.spec.signed else torch.uint8)
+        name = f"{wq_node.target}_int"
+        gm.add_submodule(name, QdqConstant(q, wq.scale, wq.zero_point, axis))
+        with gm.graph.inserting_before(node):
+            new_w = gm.graph.call_module(name, ())
+        wq_node.replace_all_uses_with(new_w)
+        gm.graph.erase_node(wq_node)
+        if not w_attr.users:
+            gm.graph.erase_node(w_attr)
+            _delete_attr(gm, str(w_attr.target))
+        stats["int_weights"] += 1
+    for node in list(gm.graph.nodes):
+        aq = _quantizer(gm, node, "act")
+        if aq is None:
+            continue
+        lo, hi = aq.qmin, aq.qmax
+        scale, zp = float(aq.scale), int(round(float(aq.zero_point)))
+        src = node.args[0]
+        while isinstance(src, fx.Node) and registry.kind(src, gm) in registry.CLAMP_KINDS and len(src.users) == 1:
+            a, b = registry.clamp_bounds(src, gm)
+            if a is not None:
+                lo = max(lo, _round_half_even(a / scale) + zp)
+            if b is not None:
+                hi = min(hi, _round_half_even(b / scale) + zp)
+            inner = registry.input_of(src)
+            node.args = (inner,) + tuple(node.args[1:])
+            gm.graph.erase_node(src)
+            src = inner
+            stats["folded_clamps"] += 1
+        if lo > hi:
+            raise LoweringError(f"activation quantizer {node.name}: its clamp leaves an empty integer range")
+        stats["clipped"] += int((lo, hi) not in ((0, 255), (-128, 127)))
+        new = QdqActivation(aq.scale, aq.zero_point, lo, hi, aq.spec.signed)
+        name = f"{node.target}_qdq"
+        gm.add_submodule(name, new)
+        node.target = name
+        stats["activations"] += 1
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, stats
+
+
+def _round_half_even(x: float) -> int:
+    return int(torch.round(torch.tensor(x, dtype=torch.float32)).item()) if math.isfinite(x) else int(x)
+
+
+def export_onnx(module: nn.Module, example_inputs: tuple | dict, translations: dict | None = None) -> bytes:
+    """Export ``module`` to ONNX bytes with a dynamic batch dimension on every tensor input."""
+    args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
+
+    def spec(t: object) -> object:
+        return {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+
+    dyn = {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+    onnx_program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dyn,
+                                     custom_translation_table=translations, opset_version=OPSET,
+                                     optimize=True, verbose=False)
+    model = onnx_program.model_proto
+    strip_metadata(model)
+    buf = io.BytesIO()
+    onnx.save_model(model, buf)
+    return buf.getvalue()
+
+
+def strip_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces, fx nodes): a third of a small model."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    for vi in model.graph.value_info:
+        del vi.metadata_props[:]
+
+
+class LowerOnnxQdq(Pass):
+    """Lower the fake-quant program to an ONNX QDQ model (``artifacts['onnx_bytes']``)."""
+
+    name = "lower_onnx_qdq"
+
+    def requires(self, program: Program) -> None:
+        require_graph(program, self.name)
+        for node in [*program.quantizer_nodes("act"), *program.quantizer_nodes("weight")]:
+            q = program.gm.get_submodule(node.target)
+            if q.mode != "quant":
+                raise PreconditionError(f"quantizer {node.name} is not calibrated (mode {q.mode}); run calibrate first")
+
+    def run(self, program: Program) -> PassResult:
+        deploy, stats = build_deploy_graph(program)
+        try:
+            data = export_onnx(deploy, program.example_inputs, TRANSLATIONS)
+        except Exception as exc:  # noqa: BLE001 - name what broke the export
+            raise LoweringError(f"ONNX export of {program.source} failed: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        program.artifacts["deploy_gm"] = deploy
+        program.artifacts["onnx_bytes"] = data
+        stats["bytes"] = len(data)
+        return PassResult(True, stats)
+
+    def ensures(self, program: Program) -> None:
+        model = onnx.load_from_string(program.artifacts["onnx_bytes"])
+        types = {n.op_type for n in model.graph.node}
+        if program.artifacts.get("quantized_layers") and "DequantizeLinear" not in types:
+            raise LoweringError("the exported model has no DequantizeLinear: quantization was lost in export")
+
+
+class OnnxInt8Target:
+    """ONNX QDQ for ONNX Runtime's integer kernels: uint8 activations, int8 weights.
+
+    u8 activations x s8 weights are ORT's fast x86 path (s8 activations ran slower than float).
+    On x86 CPUs without VNNI that path sums pairs of u8 x s8 products in saturating int16
+    (VPMADDUBSW): 255 * 127 * 2 overflows and the deployed model silently computes something else.
+    With ``reduce_range`` (the default) weights use at most 7 bits, [-64, 63], which never
+    saturates; turn it off only for models deployed on VNNI CPUs (the agreement check catches the
+    saturation when it happens on the compiling machine).
+    """
+
+    name = "onnx-int8"
+
+    def __init__(self, reduce_range: bool = True) -> None:
+        self.reduce_range = reduce_range
+
+    def placement(self) -> Placement:
+        return Placement(act_signed=False, weight_signed=True, max_weight_bits=7 if self.reduce_range else 8)
+
+    def lowering_passes(self) -> list[Pass]:
+        from qcompiler.backends.ort import VerifyOrt
+
+        return [LowerOnnxQdq(), VerifyOrt()]

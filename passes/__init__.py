@@ -1,0 +1,8 @@
+"""Passes over the Program, one per module (imported as ``qcompiler.passes``)."""
+
+from qcompiler.passes.calibrate import Calibrate
+from qcompiler.passes.fold_bn import FoldBatchNorm
+from qcompiler.passes.insert_quantizers import InsertQuantizers
+from qcompiler.passes.trace import Trace
+
+__all__ = ["Calibrate", "FoldBatchNorm", "InsertQuantizers", "Trace"]

@@ -1,0 +1,77 @@
+"""calibrate: initialise every quantizer's step size and zero point.
+
+Rule: weight quantizers are initialised from their weights (``w_init``: min-max, or the per-channel
+range that minimises the squared quantization error); activation quantizers observe the
+calibration batches while weights are already quantized and activations still float, then take
+their range from what they saw (``a_init``: min-max, MSE search, or the percentile clip).
+Afterwards every quantizer fake-quantizes: the program computes what round-to-nearest deploys.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from qcompiler.errors import CalibrationDataError, PreconditionError
+from qcompiler.ir.passes import Pass, PassResult, require_graph
+from qcompiler.ir.program import Program, call, check_calibration
+
+log = logging.getLogger("qcompiler.calibrate")
+
+
+class Calibrate(Pass):
+    """Initialise weight quantizers from weights and activation quantizers from calibration data."""
+
+    name = "calibrate"
+
+    def requires(self, program: Program) -> None:
+        require_graph(program, self.name)
+        if not any(True for _ in program.quantizer_nodes()):
+            raise PreconditionError("calibrate needs quantizers: run insert_quantizers first")
+        check_calibration(program.calib, program.example_inputs)
+
+    def run(self, program: Program) -> PassResult:
+        gm, cfg = program.gm, program.config
+        for node in program.quantizer_nodes("weight"):
+            q = gm.get_submodule(node.target)
+            w_node = node.args[0]
+            q.init_from_tensor(gm.get_parameter(str(w_node.target)) if _is_param(gm, w_node.target)
+                               else gm.get_buffer(str(w_node.target)), cfg.w_init)
+            q.mode = "quant"
+        acts = [gm.get_submodule(n.target) for n in program.quantizer_nodes("act")]
+        for q in acts:
+            q.mode = "observe"
+            q.observer = None
+        torch.manual_seed(cfg.seed)
+        with torch.no_grad():
+            for batch in tqdm(program.calib, desc="calibrate", unit="batch", leave=False,
+                              disable=not log.isEnabledFor(logging.INFO)):
+                try:
+                    call(gm, batch)
+                except Exception as exc:  # noqa: BLE001 - report which data broke the model
+                    raise CalibrationDataError(f"{program.source}: the model failed on a calibration batch: "
+                                               f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        for node, q in zip(program.quantizer_nodes("act"), acts):
+            try:
+                q.init_from_observer(cfg.a_init, cfg.percentile)
+            except RuntimeError as exc:
+                raise CalibrationDataError(f"activation quantizer {node.name} saw no data") from exc
+            q.mode = "quant"
+        return PassResult(True, {"weights": sum(1 for _ in program.quantizer_nodes("weight")),
+                                 "activations": len(acts), "batches": len(program.calib)})
+
+    def ensures(self, program: Program) -> None:
+        for node in [*program.quantizer_nodes("act"), *program.quantizer_nodes("weight")]:
+            q = program.gm.get_submodule(node.target)
+            if not torch.isfinite(q.scale).all() or (q.scale <= 0).any():
+                raise PreconditionError(f"quantizer {node.name} got a non-positive or non-finite step size")
+
+
+def _is_param(gm: torch.nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False

@@ -1,0 +1,273 @@
+"""The Python API: ``qcompiler.compile`` and model-file loading.
+
+    import qcompiler
+    result = qcompiler.compile("models/resnet_cifar.py", bits="w4a4", output="r20.onnx")
+    result.checks["agreement"]
+
+A model file is Python code and runs as such when loaded: only compile model files you trust.
+Everything else qcompiler loads (weights, calibration .npz) is read as data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qcompiler.config import make_config
+from qcompiler.errors import ModelFileError, OutputError, QCompileError
+from qcompiler.ir.program import Batch, Program, call, check_calibration
+from qcompiler.pipeline import Pipeline, default_passes, get_target
+
+log = logging.getLogger("qcompiler")
+
+
+def load_model_file(path: str | os.PathLike) -> ModuleType:
+    """Import a model file (this runs its code) and check it defines the contract's functions."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"model file {p} does not exist")
+    name = f"qcompiler_model_{p.stem}"
+    spec = importlib.util.spec_from_file_location(name, p)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"{p} is not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as exc:  # noqa: BLE001 - a broken model file is the user's error to fix
+        raise ModelFileError(f"{p}: importing the model file failed: {type(exc).__name__}: {exc}") from exc
+    missing = [f for f in ("build", "example_inputs", "calibration_data") if not callable(getattr(mod, f, None))]
+    if missing:
+        raise ModelFileError(f"{p} does not define {', '.join(f + '()' for f in missing)}; a model file needs "
+                             "build(), example_inputs() and calibration_data() (evaluate() is optional)")
+    return mod
+
+
+def _call_with(fn: Callable, where: str, kwargs: dict[str, Any]) -> Any:
+    """Call ``fn`` with the keyword arguments it accepts; wrap its failure in a ModelFileError."""
+    params = inspect.signature(fn).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    use = {k: v for k, v in kwargs.items() if takes_all or k in params}
+    try:
+        return fn(**use)
+    except QCompileError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"{where}: {fn.__name__}({', '.join(f'{k}={v!r}' for k, v in use.items())}) failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+
+def _as_batches(data: Any) -> list[Batch]:
+    out: list[Batch] = []
+    for b in data:
+        if isinstance(b, torch.Tensor):
+            b = (b,)
+        elif isinstance(b, list):
+            b = tuple(b)
+        out.append(b)
+    return out
+
+
+@dataclass
+class CompileResult:
+    """What a compile produced: the program (fake-quant graph), the ONNX path, report and metrics."""
+
+    program: Program
+    output: Path | None
+    report: dict[str, Any]
+    metrics: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def checks(self) -> dict[str, Any]:
+        return self.program.artifacts.get("checks", {})
+
+    @property
+    def onnx_bytes(self) -> bytes:
+        return self.program.artifacts["onnx_bytes"]
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail early (before any long work) if ``path`` cannot be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"output {p} is a directory; give a file name such as {p / 'model.onnx'}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {p}: directory {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{p.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise OutputError(f"cannot write {p}: {exc.strerror}") from exc
+    return p
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file and rename, so no half-written file is ever left."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def compile(  # noqa: A001 - the public name of the API
+    model: str | os.PathLike | nn.Module,
+    *,
+    bits: str = "w8a8",
+    method: str = "rtn",
+    target: str = "onnx-int8",
+    output: str | os.PathLike | None = None,
+    example_inputs: tuple | dict | None = None,
+    calib: list | None = None,
+    calib_path: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    evaluate: bool = False,
+    report_dir: str | os.PathLike | None = None,
+    overrides: dict[str, str] | list[str] | None = None,
+    passes: list | None = None,
+    stop_after: str | None = None,
+    **options: Any,
+) -> CompileResult:
+    """Quantize ``model`` (a model-file path, or a module with ``example_inputs`` and ``calib``).
+
+    Runs capture, BatchNorm folding, quantizer insertion, calibration, the method's passes, lowering
+    and the target's checks; writes ``output`` atomically; returns a :class:`CompileResult`.
+    ``stop_after`` ends the pipeline after the named pass (nothing is written then).
+    """
+    t0 = time.perf_counter()
+    config = make_config(bits=bits, method=method, target=target, overrides=overrides, **options)
+    tgt = get_target(config)
+    out_path = check_output_path(output) if output is not None else None
+    report_path = _check_report_dir(report_dir) if report_dir is not None else None
+    kwargs = dict(model_args or {})
+    module: ModuleType | None = None
+    if isinstance(model, nn.Module):
+        if example_inputs is None or calib is None:
+            raise ModelFileError("compiling an nn.Module needs example_inputs= and calib= (a list of batches)")
+        net, source = model, type(model).__name__
+    else:
+        module = load_model_file(model)
+        source = str(model)
+        net = _call_with(module.build, source, kwargs)
+        if example_inputs is None:
+            example_inputs = _call_with(module.example_inputs, source, kwargs)
+        if calib is None:
+            if calib_path is not None:
+                kwargs["calib"] = calib_path
+            calib = _call_with(module.calibration_data, source, kwargs)
+    if not isinstance(net, nn.Module):
+        raise ModelFileError(f"{source}: build() returned {type(net).__name__}, not a torch.nn.Module")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    batches = _as_batches(calib)
+    check_calibration(batches, example_inputs)
+    torch.manual_seed(config.seed)
+    program = Program(model=net, example_inputs=example_inputs, calib=batches, config=config, target=tgt,
+                      source=source)
+    program.report["config"] = config.to_dict()
+    program.report["source"] = source
+    pipeline = Pipeline(passes if passes is not None else default_passes(config, tgt), stop_after=stop_after)
+    pipeline.run(program)
+    result = CompileResult(program, None, program.report)
+    if stop_after is None and "onnx_bytes" in program.artifacts:
+        data = program.artifacts["onnx_bytes"]
+        float_bytes = sum(p.numel() * 4 for p in net.parameters())
+        program.report["sizes"] = {"onnx_bytes": len(data), "float_param_bytes": float_bytes,
+                                   "ratio_to_float_params": round(len(data) / max(float_bytes, 1), 4)}
+        program.report["checks"] = program.artifacts.get("checks", {})
+        if out_path is not None:
+            atomic_write(out_path, data)
+            result.output = out_path
+    if evaluate:
+        if module is None or not callable(getattr(module, "evaluate", None)):
+            raise ModelFileError(f"{source} has no evaluate(); --eval needs one")
+        result.metrics = run_evaluation(module, program, kwargs)
+        program.report["metrics"] = result.metrics
+    program.report["total_seconds"] = round(time.perf_counter() - t0, 2)
+    if report_path is not None:
+        write_report(report_path, program.report)
+    return result
+
+
+def run_evaluation(module: ModuleType, program: Program, kwargs: dict[str, Any]) -> dict[str, dict]:
+    """The model file's evaluate() on the float model, the fake-quant model and the ORT session."""
+    from qcompiler.backends import ort as ort_backend
+
+    ev_kwargs = {k: v for k, v in kwargs.items() if k != "calib"}
+    metrics: dict[str, dict] = {}
+    runs: dict[str, Callable] = {
+        "float": lambda b: call(program.model, b),
+        "fake_quant": lambda b: call(program.gm, b),
+    }
+    if "onnx_bytes" in program.artifacts:
+        runs["ort"] = ort_backend.runner(ort_backend.session(program.artifacts["onnx_bytes"]))
+    for name, run in runs.items():
+        t = time.perf_counter()
+        with torch.no_grad():
+            metrics[name] = _call_with(module.evaluate, program.source, {"run": run, **ev_kwargs})
+        log.info("evaluate %-10s %s (%.1fs)", name, metrics[name], time.perf_counter() - t)
+    return metrics
+
+
+def _check_report_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create report directory {p}: {exc.strerror}") from exc
+    if not os.access(p, os.W_OK):
+        raise OutputError(f"cannot write to report directory {p}")
+    return p
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """report.json (everything) and summary.md (the short human version) in ``path``."""
+    atomic_write(path / "report.json", json.dumps(report, indent=2, default=str).encode())
+    atomic_write(path / "summary.md", summary_markdown(report).encode())
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    cfg = report.get("config", {})
+    lines = [f"# qcompile {report.get('source', '')}", "",
+             f"- target `{cfg.get('target')}`, method `{cfg.get('method')}`, "
+             f"W{cfg.get('w_bits')}A{cfg.get('a_bits')}, capture: {report.get('capture', {}).get('path')}",
+             f"- total time {report.get('total_seconds')} s"]
+    sizes = report.get("sizes")
+    if sizes:
+        lines.append(f"- ONNX size {sizes['onnx_bytes']:,} bytes ({sizes['ratio_to_float_params']:.2f}x the float "
+                     "parameters)")
+    checks = report.get("checks", {})
+    if "integer_kernels" in checks:
+        k = checks["integer_kernels"]
+        lines.append(f"- integer kernels: {k['integer_kernels']}; float compute ops left: {k['float_kernels'] or 0}")
+    if "agreement" in checks:
+        lines.append(f"- ORT vs fake-quant: {checks['agreement']}")
+    lines += ["", "| pass | seconds |", "|---|---|"]
+    lines += [f"| {r['pass']} | {r['seconds']} |" for r in report.get("passes", [])]
+    metrics = report.get("metrics")
+    if metrics:
+        lines += ["", "| model | metrics |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in metrics.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,99 @@
+"""The ``qcompile`` command line.
+
+    qcompile MODEL.py --target onnx-int8 [--bits w8a8] [--method rtn] [--calib FILE.npz]
+             [--model-arg KEY=VALUE ...] [--eval] [--report DIR] -o OUT.onnx
+
+Errors a user can cause print one line (``qcompile: error: ...``) and exit with status 2; nothing
+is written then. A model file is Python code and runs when loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from qcompiler.errors import QCompileError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        print(f"qcompile: error: {message} (see qcompile --help)", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcompile", description="Quantize a PyTorch model file to an integer ONNX model.")
+    p.add_argument("model", help="model file defining build(), example_inputs(), calibration_data() [, evaluate()]")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    p.add_argument("--target", default="onnx-int8", help="deployment target (default onnx-int8)")
+    p.add_argument("--bits", default="w8a8", help="weight/activation bits, wNaM with N, M in 2..8 (default w8a8)")
+    p.add_argument("--method", default="rtn", help="quantization method (default rtn: round to nearest)")
+    p.add_argument("--calib", help="calibration .npz passed to the model file's calibration_data(calib=...)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for build()/calibration_data()/evaluate() (repeatable)")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=wNaM",
+                   help="per-layer bits for layers whose name matches the glob PATTERN (repeatable)")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
+    p.add_argument("--w-asymmetric", action="store_true", help="asymmetric weights (a zero point per channel)")
+    p.add_argument("--w-init", default="mse", help="weight range: mse (default) or minmax")
+    p.add_argument("--a-init", default="mse", help="activation range: mse (default), minmax or percentile")
+    p.add_argument("--percentile", type=float, default=99.99, help="percentile for --a-init percentile")
+    p.add_argument("--no-first-last-8bit", action="store_true",
+                   help="quantize the first and last layers at --bits too (default: 8-bit)")
+    p.add_argument("--full-range-weights", action="store_true",
+                   help="8-bit weights use [-128, 127]; exact only on CPUs with VNNI (default: 7-bit range)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--eval", action="store_true", help="evaluate the float, fake-quant and ORT models")
+    p.add_argument("--report", metavar="DIR", help="write report.json and summary.md to DIR")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors and the final line")
+    return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.onnx._internal.exporter._registration",
+                  "torch.export", "torch._dynamo", "torch.fx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from qcompiler.api import compile as qcompile
+        from qcompiler.config import parse_pairs
+
+        result = qcompile(
+            args.model, bits=args.bits, method=args.method, target=args.target, output=args.output,
+            calib_path=args.calib, model_args=parse_pairs(args.model_arg, "model-arg"), evaluate=args.eval,
+            report_dir=args.report, overrides=args.override, per_channel=not args.per_tensor,
+            w_symmetric=not args.w_asymmetric, w_init=args.w_init, a_init=args.a_init, percentile=args.percentile,
+            first_last_8bit=not args.no_first_last_8bit, reduce_range=not args.full_range_weights, seed=args.seed)
+    except QCompileError as exc:
+        print(f"qcompile: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("qcompile: interrupted; no output written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    rep = result.report
+    k = rep.get("checks", {}).get("integer_kernels", {})
+    ag = rep.get("checks", {}).get("agreement", {})
+    print(f"wrote {result.output} ({rep['sizes']['onnx_bytes']:,} bytes) in {rep['total_seconds']} s: "
+          f"{sum(k.get('integer_kernels', {}).values())} integer kernels, 0 float; ORT vs fake-quant top-1 "
+          f"agreement {ag.get('top1_agreement', 'n/a')}, cosine {ag.get('cosine', 0):.5f}")
+    for name, m in result.metrics.items():
+        print(f"  {name:<10} {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The compile configuration every pass reads (``program.config``)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import asdict, dataclass, field
+
+from qcompiler.errors import ConfigError
+
+METHODS = ("rtn",)
+ACT_INITS = ("minmax", "mse", "percentile")
+WEIGHT_INITS = ("minmax", "mse")
+
+_BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """Parse ``"w4a8"`` into ``(4, 8)``; both widths must lie in 2..8."""
+    m = _BITS_RE.match(text.strip().lower())
+    if not m:
+        raise ConfigError(f"bits {text!r} is not of the form wNaM (for example w8a8, w4a4, w2a4)")
+    w, a = int(m.group(1)), int(m.group(2))
+    for name, b in (("weight", w), ("activation", a)):
+        if not 2 <= b <= 8:
+            raise ConfigError(f"{name} bits {b} in {text!r} is outside 2..8; integer targets hold 2- to 8-bit values")
+    return w, a
+
+
+@dataclass
+class QConfig:
+    """What to quantize and how.
+
+    ``overrides`` maps a layer-name glob (as in ``layer1.*.conv1``) to a bits string like ``"w8a8"``;
+    the weight width applies to the layer's weights and the activation width to its inputs.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    method: str = "rtn"
+    target: str = "onnx-int8"
+    per_channel: bool = True
+    w_symmetric: bool = True
+    reduce_range: bool = True
+    first_last_8bit: bool = True
+    w_init: str = "mse"
+    a_init: str = "mse"
+    percentile: float = 99.99
+    overrides: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    verify_samples: int = 256
+    min_agreement: float = 0.95
+
+    def __post_init__(self) -> None:
+        for name, b in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
+            if not isinstance(b, int) or not 2 <= b <= 8:
+                raise ConfigError(f"{name}={b!r} is outside 2..8")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.w_init not in WEIGHT_INITS:
+            raise ConfigError(f"unknown weight init {self.w_init!r}; choose one of {', '.join(WEIGHT_INITS)}")
+        if self.a_init not in ACT_INITS:
+            raise ConfigError(f"unknown activation init {self.a_init!r}; choose one of {', '.join(ACT_INITS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile {self.percentile} must lie in (50, 100]")
+        for pattern, bits in self.overrides.items():
+            parse_bits(bits)
+            if not pattern:
+                raise ConfigError("an override needs a layer-name pattern, as in layer1.*=w8a8")
+
+    def bits_for(self, layer: str, first_or_last: bool) -> tuple[int, int]:
+        """(weight bits, input-activation bits) for one layer: overrides win, then the 8-bit ends."""
+        for pattern, bits in self.overrides.items():
+            if fnmatch.fnmatchcase(layer, pattern):
+                return parse_bits(bits)
+        if first_or_last and self.first_last_8bit:
+            return 8, 8
+        return self.w_bits, self.a_bits
+
+    def to_dict(self) -> dict:
+        return asdict(self)

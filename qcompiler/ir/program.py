@@ -1,0 +1,106 @@
+"""The Program: everything the passes share.
+
+- ``model``: the user's ``nn.Module`` (never modified).
+- ``example_inputs``: a tuple of tensors used for capture and export.
+- ``calib``: the calibration batches (each a tuple of tensors, or a dict of keyword tensors).
+- ``config``: the :class:`~qcompiler.ir.config.QConfig`.
+- ``target``: the deployment :class:`~qcompiler.ir.target.Target` (set by the pipeline).
+- ``gm``: the ``fx.GraphModule`` the passes rewrite (set by ``trace``).
+- ``artifacts``: results passes hand on (``float_gm``, ``onnx_bytes``, ``checks`` ...).
+- ``report``: what ends up in report.json.
+
+Per-node facts live in ``node.meta`` under these keys:
+
+- ``qc.layer``: user-facing layer name of a compute op (module path of its weight).
+- ``qc.quantizer``: on a quantizer's call_module node, ``"act"``, ``"weight"`` or ``"bias"``.
+- ``qc.qspec``: on a quantizer's call_module node, its :class:`~qcompiler.quantizers.uniform.QSpec`.
+- ``qc.unit``: the reconstruction unit a node belongs to (set by ``partition``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import fx, nn
+
+from qcompiler.ir.config import QConfig
+from qcompiler.ir.target import Target
+
+Batch = tuple | dict
+
+
+def call(module: nn.Module, batch: Batch) -> Any:
+    """Call ``module`` on one batch: positional for tuples, keywords for dicts."""
+    if isinstance(batch, dict):
+        return module(**batch)
+    return module(*batch)
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (tensor, tuple, list, dict or dataclass-like), in order."""
+    from torch.utils._pytree import tree_leaves
+
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+@dataclass
+class Program:
+    model: nn.Module
+    example_inputs: tuple
+    calib: list[Batch]
+    config: QConfig
+    target: Target | None = None
+    gm: fx.GraphModule | None = None
+    source: str = "<model>"
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def quantizer_nodes(self, which: str | None = None) -> Iterator[fx.Node]:
+        """The call_module nodes of the inserted quantizers (``which`` = ``"act"``/``"weight"``)."""
+        assert self.gm is not None
+        for node in self.gm.graph.nodes:
+            q = node.meta.get("qc.quantizer")
+            if q is not None and (which is None or q == which):
+                yield node
+
+
+def _shapes(batch: Batch) -> list[tuple[str, torch.Tensor]]:
+    items = batch.items() if isinstance(batch, dict) else enumerate(batch)
+    return [(str(k), v) for k, v in items if isinstance(v, torch.Tensor)]
+
+
+def check_calibration(calib: list[Batch], example_inputs: tuple | dict) -> None:
+    """Reject calibration data that is empty, not finite, or shaped unlike the example inputs.
+
+    Every tensor must match the example input at the same position (or key) in everything but
+    the leading batch dimension, in dtype class (float vs integer), and be finite.
+    """
+    from qcompiler.errors import CalibrationDataError
+
+    if not calib:
+        raise CalibrationDataError("the calibration data is empty: calibration_data() must yield at least one batch")
+    ref = dict(_shapes(example_inputs))
+    for i, batch in enumerate(calib):
+        if not isinstance(batch, (tuple, dict)):
+            raise CalibrationDataError(f"calibration batch {i} is a {type(batch).__name__}; "
+                                       "each batch must be a tuple of inputs or a dict of keyword inputs")
+        got = dict(_shapes(batch))
+        if set(got) != set(ref):
+            raise CalibrationDataError(f"calibration batch {i} has inputs {sorted(got)} but the model's example "
+                                       f"inputs are {sorted(ref)}")
+        for k, t in got.items():
+            e = ref[k]
+            if t.dim() != e.dim() or tuple(t.shape[1:]) != tuple(e.shape[1:]):
+                raise CalibrationDataError(f"calibration batch {i} input {k} has shape {tuple(t.shape)} but the "
+                                           f"model expects {('N',) + tuple(e.shape[1:])}")
+            if t.dtype.is_floating_point != e.dtype.is_floating_point:
+                raise CalibrationDataError(f"calibration batch {i} input {k} has dtype {t.dtype}, the model "
+                                           f"expects {e.dtype}")
+            if t.dtype.is_floating_point and not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise CalibrationDataError(f"calibration batch {i} input {k} contains {bad} NaN/Inf values; "
+                                           "clean or re-preprocess the calibration data")

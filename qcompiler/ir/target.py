@@ -1,0 +1,51 @@
+"""The Target protocol: what a pass may ask of the deployment target.
+
+Passes never import a backend. Where a pass needs the target's rules (where quantizers go, which
+integer containers hold values) it reads ``program.target``, an object implementing this protocol
+that the pipeline chose and a backend provides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where quantizers go so that the fake-quant graph computes what the integer graph computes.
+
+    - ``compute_inputs``: quantize every activation input of conv/linear/matmul (their weights too).
+    - ``compute_outputs``: quantize the output of every compute op, after the clamp-like activations
+      that follow it alone (relu, relu6, clamp), so the integer kernel can requantize its result.
+    - ``join_kinds``: joins (e.g. ``add``) whose inputs and output are quantized so they run as
+      integer ops too.
+    - ``graph_outputs``: quantize the model outputs.
+    - ``act_signed`` / ``weight_signed``: the integer container of activations and weights
+      (False = uint8, True = int8).
+    - ``max_weight_bits``: the widest weight grid the target computes exactly (7 where u8 x s8
+      products are summed pairwise in saturating int16, as on x86 without VNNI).
+    """
+
+    compute_inputs: bool = True
+    compute_outputs: bool = True
+    join_kinds: frozenset[str] = frozenset({"add"})
+    graph_outputs: bool = True
+    act_signed: bool = False
+    weight_signed: bool = True
+    max_weight_bits: int = 8
+
+
+@runtime_checkable
+class Target(Protocol):
+    """A deployment target: a name, placement rules, and the passes that lower and verify for it."""
+
+    name: str
+
+    def placement(self) -> Placement:
+        """The quantizer placement rules of this target."""
+        ...
+
+    def lowering_passes(self) -> list:
+        """Passes that turn the calibrated fake-quant program into the deployed artifact and check it."""
+        ...

@@ -1,0 +1,266 @@
+"""Uniform affine quantization: the numerics every integer target executes.
+
+Rule: ``q = clamp(round(x / s) + z, qmin, qmax)`` and ``x_hat = (q - z) * s`` with round half to
+even (as ONNX QuantizeLinear). Values of fewer than 8 bits travel in 8-bit containers: a 4-bit
+unsigned activation uses ``[qmin, qmax] = [0, 15]`` inside uint8, a 4-bit signed weight
+``[-8, 7]`` inside int8. Scales are per tensor, or per channel along ``axis``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """How one tensor is quantized: width, container sign, symmetry and channel axis."""
+
+    bits: int
+    signed: bool
+    symmetric: bool
+    axis: int | None = None
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def describe(self) -> str:
+        sign = "s" if self.signed else "u"
+        sym = "sym" if self.symmetric else "asym"
+        gran = f"per-channel(axis={self.axis})" if self.axis is not None else "per-tensor"
+        return f"{sign}{self.bits} {sym} {gran}"
+
+
+def _bcast(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None or t.dim() == 0:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even with a straight-through gradient."""
+    return (torch.round(x) - x).detach() + x
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+               axis: int | None = None) -> torch.Tensor:
+    """Quantize and dequantize ``x`` (differentiable: straight-through round, LSQ-style scale grad)."""
+    s = _bcast(scale, x, axis)
+    z = _bcast(zero_point, x, axis)
+    q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
+    return (q - z) * s
+
+
+def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                 axis: int | None = None) -> torch.Tensor:
+    """The stored integers ``clamp(round(x / s) + z, qmin, qmax)`` (as float tensor of integers)."""
+    s = _bcast(scale, x, axis)
+    z = _bcast(zero_point, x, axis)
+    return torch.clamp(torch.round(x / s) + z, qmin, qmax)
+
+
+def params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map ``[lo, hi]`` (widened to include 0) onto the spec's grid."""
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    levels = spec.qmax - spec.qmin
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = torch.clamp(amax / (levels / 2), min=1e-8)
+        zp = torch.zeros_like(scale) if spec.signed else torch.full_like(scale, float((spec.qmax + spec.qmin + 1) // 2))
+        if not spec.signed and bool((lo >= 0).all()):
+            zp = torch.zeros_like(scale)
+            scale = torch.clamp(hi / levels, min=1e-8)
+        return scale, zp
+    scale = torch.clamp((hi - lo) / levels, min=1e-8)
+    zp = torch.clamp(spec.qmin - torch.round(lo / scale), spec.qmin, spec.qmax)
+    return scale, zp
+
+
+def _lp_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, p: float = 2.0) -> torch.Tensor:
+    """Mean |x - fq(x)|^p per row of ``x`` (rows = channels) for the grid given by [lo, hi]."""
+    scale, zp = params_from_range(lo, hi, spec)
+    xq = (quantize_int(x, scale[:, None], zp[:, None], spec.qmin, spec.qmax) - zp[:, None]) * scale[:, None]
+    return (x - xq).abs().pow(p).mean(dim=1)
+
+
+def search_range(x2d: torch.Tensor, spec: QSpec, steps: int = 80, p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row [lo, hi] minimising the Lp quantization error over shrunk min-max ranges.
+
+    Candidates are ``alpha * [min, max]`` for ``alpha`` in (0, 1]; the best alpha per row wins.
+    """
+    lo0 = x2d.min(dim=1).values.clamp(max=0)
+    hi0 = x2d.max(dim=1).values.clamp(min=0)
+    best_err = torch.full_like(lo0, math.inf)
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for i in range(steps):
+        alpha = 1.0 - i / steps * 0.8
+        lo, hi = lo0 * alpha, hi0 * alpha
+        err = _lp_error(x2d, lo, hi, spec, p)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo, best_lo)
+        best_hi = torch.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
+class RangeObserver:
+    """Collects running min/max and a bounded random sample of an activation's values."""
+
+    def __init__(self, per_batch: int = 32768, max_samples: int = 1 << 19, seed: int = 0) -> None:
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.per_batch = per_batch
+        self.max_samples = max_samples
+        self.samples: list[torch.Tensor] = []
+        self.gen = torch.Generator().manual_seed(seed)
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        if x.numel() == 0:
+            return
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+        if x.numel() > self.per_batch:
+            idx = torch.randint(0, x.numel(), (self.per_batch,), generator=self.gen)
+            x = x[idx]
+        self.samples.append(x.clone())
+        self.count += 1
+
+    def sample(self) -> torch.Tensor:
+        s = torch.cat(self.samples) if self.samples else torch.zeros(1)
+        if s.numel() > self.max_samples:
+            s = s[torch.randperm(s.numel(), generator=self.gen)[: self.max_samples]]
+        return torch.cat([s, torch.tensor([self.lo, self.hi])])
+
+
+class UniformQuantizer(nn.Module):
+    """A fake quantizer with a learnable step size.
+
+    Modes: ``"observe"`` passes values through and records them; ``"quant"`` fake-quantizes;
+    ``"off"`` passes values through. ``scale`` is a Parameter (frozen until a method trains it);
+    ``zero_point`` is a buffer holding integers.
+    """
+
+    def __init__(self, spec: QSpec, channels: int | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        shape = (channels,) if spec.axis is not None else ()
+        self.scale = nn.Parameter(torch.ones(shape), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.mode = "off"
+        self.observer: RangeObserver | None = None
+
+    @property
+    def qmin(self) -> int:
+        return self.spec.qmin
+
+    @property
+    def qmax(self) -> int:
+        return self.spec.qmax
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.describe()}, mode={self.mode}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "quant":
+            return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
+        if self.mode == "observe":
+            if self.observer is None:
+                self.observer = RangeObserver()
+            self.observer.update(x)
+        return x
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set scale and zero point from a value range."""
+        scale, zp = params_from_range(lo.float(), hi.float(), self.spec)
+        self.scale.data = scale.reshape(self.scale.shape).clone()
+        self.zero_point.data = zp.reshape(self.zero_point.shape).clone()
+
+    @torch.no_grad()
+    def init_from_observer(self, method: str, percentile: float = 99.99) -> None:
+        """Initialise an activation quantizer from what it observed: minmax, mse or percentile."""
+        if self.observer is None or self.observer.count == 0:
+            raise RuntimeError("the quantizer observed no values")
+        obs = self.observer
+        if method == "minmax":
+            lo, hi = torch.tensor(obs.lo), torch.tensor(obs.hi)
+        elif method == "percentile":
+            s = obs.sample()
+            lo = torch.quantile(s, 1 - percentile / 100).clamp(max=0)
+            hi = torch.quantile(s, percentile / 100).clamp(min=0)
+        elif method == "mse":
+            lo2, hi2 = search_range(obs.sample()[None, :], self.spec)
+            lo, hi = lo2[0], hi2[0]
+        else:
+            raise ValueError(f"unknown activation init {method!r}")
+        self.set_range(lo, hi)
+        self.observer = None
+
+    @torch.no_grad()
+    def init_from_tensor(self, w: torch.Tensor, method: str) -> None:
+        """Initialise a weight quantizer from the weight itself: minmax or mse, per channel or tensor."""
+        axis = self.spec.axis
+        x2d = w.detach().float().movedim(axis, 0).reshape(w.shape[axis], -1) if axis is not None \
+            else w.detach().float().reshape(1, -1)
+        if method == "minmax":
+            lo, hi = x2d.min(dim=1).values, x2d.max(dim=1).values
+        elif method == "mse":
+            lo, hi = search_range(x2d, self.spec)
+        else:
+            raise ValueError(f"unknown weight init {method!r}")
+        if self.spec.symmetric:
+            amax = torch.maximum(-lo, hi)
+            lo, hi = -amax, amax
+        if axis is None:
+            lo, hi = lo[0], hi[0]
+        self.set_range(lo, hi)
+
+    @torch.no_grad()
+    def int_repr(self, x: torch.Tensor) -> torch.Tensor:
+        """The integers stored for ``x`` (float tensor of whole numbers within [qmin, qmax])."""
+        return quantize_int(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
+
+
+class BiasQuantizer(nn.Module):
+    """Fake-quantizes a bias the way integer kernels store it: int32 with scale ``s_in * s_w``.
+
+    Integer conv/matmul kernels add the bias to the int32 accumulator, so the bias is rounded to
+    the accumulator's grid. Modelling that rounding keeps the fake-quant model bit-faithful to the
+    deployed one (without it, rounding ties flip and 4-bit models drift apart). The two quantizers
+    are referenced, not owned: they stay registered where they are.
+    """
+
+    def __init__(self, act: UniformQuantizer, weight: UniformQuantizer) -> None:
+        super().__init__()
+        self.refs = (act, weight)  # a tuple is not registered as submodules
+
+    def step(self) -> torch.Tensor:
+        act, weight = self.refs
+        return act.scale.reshape(()) * weight.scale
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        act, weight = self.refs
+        if act.mode != "quant" or weight.mode != "quant":
+            return b
+        s = self.step().expand(b.shape[0]) if weight.scale.dim() == 0 else self.step()
+        return round_ste(b / s) * s
+
+    @torch.no_grad()
+    def int_repr(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int32 values, per-channel scale) of the stored bias."""
+        s = self.step().detach().float()
+        s = s.expand(b.shape[0]).contiguous() if s.dim() == 0 else s
+        return torch.clamp(torch.round(b / s), -(2**31), 2**31 - 1).to(torch.int32), s
