@@ -32,7 +32,7 @@ from torch import fx, nn
 from qcompiler.errors import LoweringError, PreconditionError
 from qcompiler.ir import registry
 from qcompiler.ir.passes import Pass, PassResult, require_graph
-from qcompiler.ir.program import Program
+from qcompiler.ir.program import Program, export_args
 from qcompiler.ir.target import Placement
 from qcompiler.quantizers.uniform import UniformQuantizer
 
@@ -210,12 +210,7 @@ def _round_half_even(x: float) -> int:
 
 def export_onnx(module: nn.Module, example_inputs: tuple | dict, translations: dict | None = None) -> bytes:
     """Export ``module`` to ONNX bytes with a dynamic batch dimension on every tensor input."""
-    args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), {})
-
-    def spec(t: object) -> object:
-        return {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
-
-    dyn = {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+    args, kwargs, dyn = export_args(example_inputs)
     onnx_program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dyn,
                                      custom_translation_table=translations, opset_version=OPSET,
                                      optimize=True, verbose=False)

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from qcompiler.errors import CaptureError, PreconditionError
 from qcompiler.ir.passes import Pass, PassResult
-from qcompiler.ir.program import Program, call, flat_outputs
+from qcompiler.ir.program import Program, call, export_args, flat_outputs
 
 log = logging.getLogger("qcompiler.trace")
 
@@ -116,12 +116,7 @@ class Trace(Pass):
 
 def _export(model: nn.Module, inputs: tuple | dict) -> fx.GraphModule:
     """torch.export with a dynamic leading (batch) dimension, as a plain GraphModule."""
-    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (tuple(inputs), {})
-
-    def spec(t: object) -> object:
-        return {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
-
-    dyn = {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+    args, kwargs, dyn = export_args(inputs)
     ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dyn)
     gm = ep.module()
     # Guard checks of the export (e.g. the example batch size) are not part of the model's computation.

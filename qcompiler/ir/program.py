@@ -38,6 +38,28 @@ def call(module: nn.Module, batch: Batch) -> Any:
     return module(*batch)
 
 
+def export_args(inputs: tuple | dict) -> tuple[tuple, dict, tuple | dict]:
+    """(args, kwargs, dynamic_shapes) to export with a dynamic leading (batch) dimension.
+
+    torch.export specialises a dimension whose example size is 0 or 1, so example tensors with a
+    batch of 1 are repeated to a batch of 2 for export.
+    """
+
+    def two(t: object) -> object:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1:
+            return t.repeat(2, *([1] * (t.dim() - 1)))
+        return t
+
+    def spec(t: object) -> object:
+        return {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+
+    if isinstance(inputs, dict):
+        kwargs = {k: two(v) for k, v in inputs.items()}
+        return (), kwargs, {k: spec(v) for k, v in kwargs.items()}
+    args = tuple(two(a) for a in inputs)
+    return args, {}, tuple(spec(a) for a in args)
+
+
 def flat_outputs(out: Any) -> list[torch.Tensor]:
     """The tensors of a model output (tensor, tuple, list, dict or dataclass-like), in order."""
     from torch.utils._pytree import tree_leaves

@@ -55,7 +55,7 @@ _DEFS: list[OpDef] = [
           schema=("input", "other", "alpha"), defaults=(("alpha", 1),)),
     OpDef("relu", (nn.ReLU,), (F.relu, torch.relu, aten.relu.default, aten.relu_.default), ("relu",),
           schema=("input",)),
-    OpDef("hardtanh", (nn.ReLU6, nn.Hardtanh), (F.relu6, F.hardtanh, aten.hardtanh.default), (),
+    OpDef("hardtanh", (nn.ReLU6, nn.Hardtanh), (F.relu6, F.hardtanh, aten.hardtanh.default, aten.relu6.default), (),
           schema=("input", "min_val", "max_val"), defaults=(("min_val", -1.0), ("max_val", 1.0))),
     OpDef("clamp", (), (torch.clamp, torch.clip, aten.clamp.default), ("clamp", "clip"),
           schema=("input", "min", "max"), defaults=(("min", None), ("max", None))),
@@ -249,7 +249,7 @@ def clamp_bounds(node: fx.Node, gm: fx.GraphModule) -> tuple[float | None, float
         return float(mod.min_val), float(mod.max_val)
     a = args_of(node, gm)
     if k == "hardtanh":
-        if node.target is F.relu6:
+        if node.target in (F.relu6, aten.relu6.default):
             return 0.0, 6.0
         return float(a["min_val"]), float(a["max_val"])
     if k == "clamp":
