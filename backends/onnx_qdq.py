@@ -277,7 +277,9 @@ class OnnxInt8Target:
         self.reduce_range = reduce_range
 
     def placement(self) -> Placement:
-        return Placement(act_signed=False, weight_signed=True, max_weight_bits=7 if self.reduce_range else 8)
+        # Depthwise convs run on a direct int32 kernel, not the pairwise int16 one: 8 bits stay exact.
+        return Placement(act_signed=False, weight_signed=True, max_weight_bits=7 if self.reduce_range else 8,
+                         max_weight_bits_depthwise=8)
 
     def lowering_passes(self) -> list[Pass]:
         from qcompiler.backends.ort import VerifyOrt

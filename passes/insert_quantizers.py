@@ -117,7 +117,9 @@ class InsertQuantizers(Pass):
                 raise PreconditionError(f"layer {node.meta['qc.layer']}: its weight is computed, not a parameter; "
                                         "weights must be parameters to be quantized")
             w = registry.get_tensor(gm, str(w_node.target))
-            w_bits = min(layer_bits[node][0], place.max_weight_bits)
+            depthwise = registry.kind(node, gm) == "conv" and w.dim() > 2 and w.shape[1] == 1 and w.shape[0] > 1
+            w_bits = min(layer_bits[node][0],
+                         place.max_weight_bits_depthwise if depthwise else place.max_weight_bits)
             spec = QSpec(w_bits, place.weight_signed, cfg.w_symmetric, 0 if cfg.per_channel else None)
             q = UniformQuantizer(spec, w.shape[0] if cfg.per_channel else None)
             qname = _unique(gm, "qc_w_" + node.meta["qc.layer"].replace(".", "_"))

