@@ -131,46 +131,37 @@ def _delete_attr(gm: fx.GraphModule, target: str) -> None:
         delattr(mod, leaf)
 
 
+def _to_constant(gm: fx.GraphModule, qnode: fx.Node, const: nn.Module) -> None:
+    """Replace a parameter's quantizer node by the output of a deployed constant module."""
+    attr = qnode.args[0]
+    name = f"{qnode.target}_int"
+    gm.add_submodule(name, const)
+    with gm.graph.inserting_before(qnode):
+        new = gm.graph.call_module(name, ())
+    qnode.replace_all_uses_with(new)
+    gm.graph.erase_node(qnode)
+    if not attr.users:
+        gm.graph.erase_node(attr)
+        _delete_attr(gm, str(attr.target))
+
+
 def build_deploy_graph(program: Program) -> tuple[fx.GraphModule, dict]:
     """A copy of the fake-quant graph with quantizers replaced by their integer (QDQ) form."""
     gm = copy.deepcopy(program.gm)
     stats = {"int_weights": 0, "int_biases": 0, "activations": 0, "folded_clamps": 0, "clipped": 0}
-    for node in list(gm.graph.nodes):
-        if node.meta.get("qc.quantizer") != "bias":
-            continue
-        b_attr = node.args[0]
-        bq, s = gm.get_submodule(node.target).int_repr(registry.get_tensor(gm, str(b_attr.target)).detach().float())
-        name = f"{node.target}_int"
-        gm.add_submodule(name, QdqConstant(bq, s, torch.zeros_like(s), 0))
-        with gm.graph.inserting_before(node):
-            new_b = gm.graph.call_module(name, ())
-        node.replace_all_uses_with(new_b)
-        gm.graph.erase_node(node)
-        if not b_attr.users:
-            gm.graph.erase_node(b_attr)
-            _delete_attr(gm, str(b_attr.target))
-        stats["int_biases"] += 1
-    for node in list(gm.graph.nodes):
-        if registry.kind(node, gm) not in registry.WEIGHTED_KINDS:
-            continue
-        wq_node = registry.args_of(node, gm)["weight"]
-        wq = _quantizer(gm, wq_node, "weight")
-        if wq is None:
-            continue
-        w_attr = wq_node.args[0]
-        w = registry.get_tensor(gm, str(w_attr.target)).detach()
-        axis = wq.spec.axis if wq.spec.axis is not None else 0
-        q = wq.int_repr(w).to(torch.int8 if wq.spec.signed else torch.uint8)
-        name = f"{wq_node.target}_int"
-        gm.add_submodule(name, QdqConstant(q, wq.scale, wq.zero_point, axis))
-        with gm.graph.inserting_before(node):
-            new_w = gm.graph.call_module(name, ())
-        wq_node.replace_all_uses_with(new_w)
-        gm.graph.erase_node(wq_node)
-        if not w_attr.users:
-            gm.graph.erase_node(w_attr)
-            _delete_attr(gm, str(w_attr.target))
-        stats["int_weights"] += 1
+    # Biases first: their quantizers read the (still float) weight quantizers' scales.
+    for which in ("bias", "weight"):
+        for node in [n for n in gm.graph.nodes if n.meta.get("qc.quantizer") == which]:
+            q = gm.get_submodule(node.target)
+            value = registry.get_tensor(gm, str(node.args[0].target)).detach().float()
+            if which == "bias":
+                ints, s = q.int_repr(value)
+                const = QdqConstant(ints, s, torch.zeros_like(s), 0)
+            else:
+                ints = q.int_repr(value).to(torch.int8 if q.spec.signed else torch.uint8)
+                const = QdqConstant(ints, q.scale, q.zero_point, q.spec.axis if q.spec.axis is not None else 0)
+            _to_constant(gm, node, const)
+            stats["int_biases" if which == "bias" else "int_weights"] += 1
     for node in list(gm.graph.nodes):
         aq = _quantizer(gm, node, "act")
         if aq is None:

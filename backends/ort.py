@@ -15,10 +15,9 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import statistics
 import tempfile
-import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -63,7 +62,7 @@ def feeds(sess: ort.InferenceSession, batch: Batch) -> dict[str, np.ndarray]:
             raise PreconditionError(f"batch lacks ONNX inputs {missing}")
         return {n: batch[n].detach().cpu().numpy() for n in names}
     tensors = [t for t in batch if isinstance(t, torch.Tensor)]
-    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=False)}
 
 
 def runner(sess: ort.InferenceSession) -> Callable[[Batch], torch.Tensor]:
@@ -100,7 +99,7 @@ def agreement(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, flo
     """Top-1 agreement (classifier-shaped outputs), cosine similarity and max abs difference."""
     out: dict[str, float] = {}
     cos, maxabs = [], 0.0
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         r, g = r.float().reshape(r.shape[0], -1), g.float().reshape(g.shape[0], -1)
         cos.append(float(torch.nn.functional.cosine_similarity(r, g, dim=1, eps=1e-12).mean()))
         maxabs = max(maxabs, float((r - g).abs().max()))
@@ -122,7 +121,7 @@ def compare(program: Program, sess: ort.InferenceSession, batches: list[Batch]) 
             gots.append([torch.from_numpy(o) for o in sess.run(None, feeds(sess, b))])
     ref = [torch.cat([r[i] for r in refs]) for i in range(len(refs[0]))]
     got = [torch.cat([g[i] for g in gots]) for i in range(len(gots[0]))]
-    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got)):
+    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got, strict=False)):
         raise VerificationError(f"ORT outputs {[tuple(g.shape) for g in got]} differ in shape from the model's "
                                 f"{[tuple(r.shape) for r in ref]}")
     res = agreement(ref, got)
@@ -168,18 +167,3 @@ class VerifyOrt(Pass):
         log.info("ORT check: %s integer kernels, agreement %s", kernels["integer_kernels"], agree)
         return PassResult(False, {"integer_kernels": sum(kernels["integer_kernels"].values()), **agree})
 
-
-def latency(sess: ort.InferenceSession, feed: dict[str, np.ndarray], repeats: int = 20, warmup: int = 3) -> list[float]:
-    """Wall times (seconds) of ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)

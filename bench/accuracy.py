@@ -1,6 +1,6 @@
 """Accuracy of float, fake-quant and ORT models, and ORT vs fake-quant top-1 agreement.
 
-    python bench/accuracy.py [--model models/resnet_cifar.py] [--bits w8a8 w4a4] [--out FILE.md] [-- extra compile options as KEY=VALUE]
+    python bench/accuracy.py [--model FILE.py] [--bits w8a8 w4a4] [--out FILE.md] [KEY=VALUE ...]
 
 Each row is one compile with the model file's own evaluate(); the agreement column is computed on
 the same evaluation batches.

@@ -53,7 +53,7 @@ class Calibrate(Pass):
                 except Exception as exc:  # noqa: BLE001 - report which data broke the model
                     raise CalibrationDataError(f"{program.source}: the model failed on a calibration batch: "
                                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-        for node, q in zip(program.quantizer_nodes("act"), acts):
+        for node, q in zip(program.quantizer_nodes("act"), acts, strict=True):
             try:
                 q.init_from_observer(cfg.a_init, cfg.percentile)
             except RuntimeError as exc:

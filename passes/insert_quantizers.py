@@ -20,7 +20,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 
-
 from torch import fx
 
 from qcompiler.errors import ConfigError, PostconditionError, PreconditionError
@@ -185,17 +184,3 @@ def _unique(gm: fx.GraphModule, base: str) -> str:
         name = f"{base}_{i}"
     return name
 
-
-def set_mode(program: Program, mode: str, which: str | None = None) -> None:
-    """Switch the quantizers (all, or only ``"act"``/``"weight"``) to ``mode``."""
-    for node in program.quantizer_nodes(which):
-        program.gm.get_submodule(node.target).mode = mode
-
-
-def quantizer_of(program: Program, node: fx.Node) -> UniformQuantizer:
-    q = program.gm.get_submodule(node.target)
-    assert isinstance(q, UniformQuantizer)
-    return q
-
-
-__all__ = ["InsertQuantizers", "quantizer_of", "set_mode"]

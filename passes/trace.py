@@ -60,7 +60,7 @@ def _outputs_match(gm: nn.Module, model: nn.Module, inputs: tuple | dict) -> boo
         ref = flat_outputs(call(model, inputs))
         got = flat_outputs(call(gm, inputs))
     return len(ref) == len(got) and all(
-        a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(ref, got))
+        a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(ref, got, strict=True))
 
 
 class Trace(Pass):

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS, ROOT
 
 from qcompiler.cli import main
+
+from conftest import MODELS, ROOT
 
 RESNET = str(MODELS / "resnet_cifar.py")
 

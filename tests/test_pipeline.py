@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODELS, ROOT
 from torch import nn
 
 import qcompiler
@@ -21,6 +20,8 @@ from qcompiler.ir.config import QConfig
 from qcompiler.ir.program import Program
 from qcompiler.passes import Calibrate, FoldBatchNorm, InsertQuantizers, Trace
 
+from conftest import MODELS, ROOT
+
 
 def _program(model: nn.Module, x: torch.Tensor) -> Program:
     from qcompiler.backends.onnx_qdq import OnnxInt8Target
@@ -29,7 +30,8 @@ def _program(model: nn.Module, x: torch.Tensor) -> Program:
 
 
 def test_pass_contract_order_and_stop_after():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 2)).eval()
     x = torch.randn(2, 3, 8, 8)
     p = _program(model, x)
     with pytest.raises(PreconditionError, match="run the trace pass first"):

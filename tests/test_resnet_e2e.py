@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import onnx
 import torch
-from conftest import needs_shared
 
 from qcompiler.backends import ort as ort_backend
+
+from conftest import needs_shared
 
 
 def _record(run, store: list):

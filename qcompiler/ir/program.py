@@ -19,8 +19,9 @@ Per-node facts live in ``node.meta`` under these keys:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import fx, nn

@@ -14,8 +14,9 @@ Kinds: ``conv``, ``linear``, ``matmul`` (compute ops), ``add`` (join), ``relu``,
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,7 @@ def args_of(node: fx.Node, gm: fx.GraphModule) -> dict[str, Any]:
     if d is None:
         raise KeyError(f"op {node.format_node()} is not in the registry")
     out = dict(d.defaults)
-    for name, value in zip(d.schema, node.args):
+    for name, value in zip(d.schema, node.args, strict=False):
         out[name] = value
     for name, value in node.kwargs.items():
         out[name] = value
