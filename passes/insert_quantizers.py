@@ -107,7 +107,7 @@ class InsertQuantizers(Pass):
                 want(t, 8 if cfg.first_last_8bit else cfg.a_bits)
 
         # Weight quantizers.
-        n_w = 0
+        n_w, narrowed = 0, []
         for node in compute:
             if registry.kind(node, gm) not in registry.WEIGHTED_KINDS:
                 continue
@@ -119,6 +119,8 @@ class InsertQuantizers(Pass):
             depthwise = registry.kind(node, gm) == "conv" and w.dim() > 2 and w.shape[1] == 1 and w.shape[0] > 1
             w_bits = min(layer_bits[node][0],
                          place.max_weight_bits_depthwise if depthwise else place.max_weight_bits)
+            if w_bits < layer_bits[node][0]:
+                narrowed.append(node.meta["qc.layer"])
             spec = QSpec(w_bits, place.weight_signed, cfg.w_symmetric, 0 if cfg.per_channel else None)
             q = UniformQuantizer(spec, w.shape[0] if cfg.per_channel else None)
             qname = _unique(gm, "qc_w_" + node.meta["qc.layer"].replace(".", "_"))
@@ -163,7 +165,11 @@ class InsertQuantizers(Pass):
         gm.recompile()
         program.artifacts["quantized_layers"] = [n.meta["qc.layer"] for n in compute]
         stats = {"weight_quantizers": n_w, "act_quantizers": len(points), "bias_quantizers": n_b,
-                 "compute_layers": len(compute)}
+                 "compute_layers": len(compute), "narrowed_weights": len(narrowed)}
+        if narrowed:
+            log.info("%d layer(s) asked for more weight bits than target %s computes exactly; stored at %d bits: %s",
+                     len(narrowed), getattr(program.target, "name", "?"), place.max_weight_bits,
+                     ", ".join(narrowed[:5]) + (" ..." if len(narrowed) > 5 else ""))
         log.info("inserted %d weight and %d activation quantizers over %d compute layers",
                  n_w, len(points), len(compute))
         return PassResult(True, stats)
