@@ -158,6 +158,8 @@ def compile(  # noqa: A001 - the public name of the API
     ``stop_after`` ends the pipeline after the named pass (nothing is written then).
     """
     t0 = time.perf_counter()
+    if report_dir is not None and options.get("work_dir") is None:
+        options["work_dir"] = str(report_dir)  # reconstruction checkpoints live beside the report
     config = make_config(bits=bits, method=method, target=target, overrides=overrides, **options)
     tgt = get_target(config)
     out_path = check_output_path(output) if output is not None else None
@@ -247,6 +249,29 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     """report.json (everything) and summary.md (the short human version) in ``path``."""
     atomic_write(path / "report.json", json.dumps(report, indent=2, default=str).encode())
     atomic_write(path / "summary.md", summary_markdown(report).encode())
+    if report.get("reconstruction", {}).get("units"):
+        plot_reconstruction(report["reconstruction"]["units"], path / "reconstruction_loss.png")
+
+
+def plot_reconstruction(units: list[dict], path: Path) -> None:
+    """Per-unit reconstruction loss before and after (log scale) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, len(units) * 0.35), 4))
+    xs = range(len(units))
+    ax.plot(xs, [u["loss_before"] for u in units], "o-", label="before (round to nearest)")
+    ax.plot(xs, [u["loss_after"] for u in units], "s-", label="after reconstruction")
+    ax.set_yscale("log")
+    ax.set_xlabel("unit")
+    ax.set_ylabel("output reconstruction loss")
+    ax.set_xticks(list(xs), [u["unit"].split(":", 1)[-1] for u in units], rotation=90, fontsize=7)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def summary_markdown(report: dict[str, Any]) -> str:

@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights use [-128, 127]; exact only on CPUs with VNNI (default: 7-bit range)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--iters", type=int, default=20000,
+                   help="reconstruction iterations per unit (default 20000; ResNet-20 takes roughly 0.1 s per "
+                        "1000 iterations per layer-sized unit... see README)")
+    p.add_argument("--batch-size", type=int, default=32, help="reconstruction mini-batch (default 32)")
+    p.add_argument("--qdrop", type=float, help="QDrop probability (default 0.5 for qdrop, 1 for adaround/brecq)")
+    p.add_argument("--granularity", help="reconstruction units: layer or block (default: the method's)")
+    p.add_argument("--w-lr", type=float, default=1e-3, help="AdaRound learning rate (default 1e-3)")
+    p.add_argument("--a-lr", type=float, default=4e-5, help="LSQ activation step learning rate (default 4e-5)")
     p.add_argument("--eval", action="store_true", help="evaluate the float, fake-quant and ORT models")
     p.add_argument("--report", metavar="DIR", help="write report.json and summary.md to DIR")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the final line")
@@ -77,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             calib_path=args.calib, model_args=parse_pairs(args.model_arg, "model-arg"), evaluate=args.eval,
             report_dir=args.report, overrides=args.override, per_channel=not args.per_tensor,
             w_symmetric=not args.w_asymmetric, w_init=args.w_init, a_init=args.a_init, percentile=args.percentile,
-            first_last_8bit=not args.no_first_last_8bit, reduce_range=not args.full_range_weights, seed=args.seed)
+            first_last_8bit=not args.no_first_last_8bit, reduce_range=not args.full_range_weights, seed=args.seed,
+            iters=args.iters, batch_size=args.batch_size, qdrop=args.qdrop, granularity=args.granularity,
+            w_lr=args.w_lr, a_lr=args.a_lr)
     except QCompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -43,7 +43,10 @@ def default_passes(config: QConfig, target: Target) -> list[Pass]:
 
     passes: list[Pass] = [Trace(), FoldBatchNorm(), InsertQuantizers(), Calibrate()]
     if config.method != "rtn":
-        raise ConfigError(f"unknown method {config.method!r}")
+        from qcompiler.passes.partition import Partition
+        from qcompiler.passes.reconstruct import Reconstruct
+
+        passes += [Partition(config.unit_granularity()), Reconstruct()]
     return passes + list(target.lowering_passes())
 
 

@@ -8,7 +8,11 @@ from dataclasses import asdict, dataclass, field
 
 from qcompiler.errors import ConfigError
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "adaround", "brecq", "qdrop")
+GRANULARITIES = ("layer", "block")
+# method -> (granularity, QDrop probability): adaround is layer-wise with float activations in the
+# loop, brecq block-wise with float activations, qdrop block-wise with activations dropped at 0.5.
+METHOD_DEFAULTS = {"adaround": ("layer", 1.0), "brecq": ("block", 1.0), "qdrop": ("block", 0.5)}
 ACT_INITS = ("minmax", "mse", "percentile")
 WEIGHT_INITS = ("minmax", "mse")
 
@@ -50,6 +54,14 @@ class QConfig:
     seed: int = 0
     verify_samples: int = 256
     min_agreement: float = 0.95
+    iters: int = 20000
+    batch_size: int = 32
+    w_lr: float = 1e-3
+    a_lr: float = 4e-5
+    reg_weight: float = 0.01
+    qdrop: float | None = None
+    granularity: str | None = None
+    work_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name, b in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
@@ -63,6 +75,12 @@ class QConfig:
             raise ConfigError(f"unknown activation init {self.a_init!r}; choose one of {', '.join(ACT_INITS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile {self.percentile} must lie in (50, 100]")
+        if self.qdrop is not None and not 0.0 <= self.qdrop <= 1.0:
+            raise ConfigError(f"qdrop probability {self.qdrop} must lie in [0, 1]")
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        if self.iters < 0 or self.batch_size < 1:
+            raise ConfigError(f"iters ({self.iters}) must be >= 0 and batch size ({self.batch_size}) >= 1")
         for pattern, bits in self.overrides.items():
             parse_bits(bits)
             if not pattern:
@@ -76,6 +94,17 @@ class QConfig:
         if first_or_last and self.first_last_8bit:
             return 8, 8
         return self.w_bits, self.a_bits
+
+    def qdrop_prob(self) -> float:
+        """The QDrop probability in force: explicit, else the method's default."""
+        if self.qdrop is not None:
+            return self.qdrop
+        return METHOD_DEFAULTS.get(self.method, ("block", 1.0))[1]
+
+    def unit_granularity(self) -> str:
+        if self.granularity is not None:
+            return self.granularity
+        return METHOD_DEFAULTS.get(self.method, ("block", 1.0))[0]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -114,6 +114,27 @@ def search_range(x2d: torch.Tensor, spec: QSpec, steps: int = 80, p: float = 2.0
     return best_lo, best_hi
 
 
+class MaskPool:
+    """Bernoulli(p) keep-masks for QDrop, cut from one pre-drawn pool at random offsets.
+
+    Drawing a fresh uniform tensor per activation per step costs as much as the convolutions on
+    CPU; slices of a large pool (re-offset by the seeded generator every call) are as good for
+    dropping and deterministic for a given seed.
+    """
+
+    def __init__(self, p: float, generator: torch.Generator, size: int = 1 << 23) -> None:
+        self.p = p
+        self.gen = generator
+        self.pool = torch.rand(size, generator=generator) < p
+
+    def mask(self, shape: torch.Size) -> torch.Tensor:
+        n = math.prod(shape)
+        if n > self.pool.numel():
+            return torch.rand(shape, generator=self.gen) < self.p
+        start = int(torch.randint(0, self.pool.numel() - n + 1, (1,), generator=self.gen))
+        return self.pool[start:start + n].view(shape)
+
+
 class RangeObserver:
     """Collects running min/max and a bounded random sample of an activation's values."""
 
@@ -161,6 +182,8 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(shape))
         self.mode = "off"
         self.observer: RangeObserver | None = None
+        self.drop_prob = 0.0  # QDrop: probability of keeping an element float (training only)
+        self.drop_masks: MaskPool | None = None
 
     @property
     def qmin(self) -> int:
@@ -175,12 +198,21 @@ class UniformQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
-            return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
+            return self.drop(x, fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis))
         if self.mode == "observe":
             if self.observer is None:
                 self.observer = RangeObserver()
             self.observer.update(x)
         return x
+
+    def drop(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+        """QDrop: keep each element of ``x`` float with probability ``drop_prob`` (else quantized)."""
+        if self.drop_prob <= 0.0:
+            return xq
+        if self.drop_prob >= 1.0:
+            return x
+        keep = self.drop_masks.mask(x.shape) if self.drop_masks is not None else torch.rand(x.shape) < self.drop_prob
+        return torch.where(keep, x, xq)
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:

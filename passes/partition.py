@@ -1,0 +1,155 @@
+"""partition: cut the quantized graph into reconstruction units.
+
+Rule: a *cut* is an activation quantizer whose output every path from the model inputs to the
+model output passes through (it dominates the output in the DAG, found with networkx). Residual
+adds and branch joins are therefore never cut inside: a residual block lies between two cuts.
+
+- ``block``: a unit is the span between two consecutive cuts that contains a compute op
+  (spans without one join the following unit).
+- ``layer``: every compute op is its own unit, ending at the next activation quantizer that
+  follows it (the output the integer kernel requantizes).
+
+Each unit records its nodes (in graph order), its output node and the outside values it reads;
+every node's unit index goes into ``node.meta["qc.unit"]``. Later granularities (MRECG merges)
+combine consecutive units of this list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+from torch import fx
+
+from qcompiler.errors import ConfigError, PreconditionError
+from qcompiler.ir import registry
+from qcompiler.ir.passes import Pass, PassResult, require_graph
+from qcompiler.ir.program import Program
+
+GRANULARITIES = ("layer", "block")
+
+
+@dataclass
+class Unit:
+    """A reconstruction unit: a contiguous span of the graph ending at ``output``."""
+
+    name: str
+    nodes: list[str]
+    output: str
+    inputs: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+
+
+def _is_param_side(n: fx.Node) -> bool:
+    return n.op == "get_attr" or n.meta.get("qc.quantizer") in ("weight", "bias")
+
+
+def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
+    """The activation dataflow DAG (parameters and their quantizers left out)."""
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        if _is_param_side(n):
+            continue
+        g.add_node(n.name)
+        for m in n.all_input_nodes:
+            if not _is_param_side(m):
+                g.add_edge(m.name, n.name)
+    return g
+
+
+def cuts(gm: fx.GraphModule) -> list[str]:
+    """Activation quantizers that dominate the output, in graph order."""
+    g = dataflow_graph(gm)
+    source = "__qc_source__"
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            g.add_edge(source, n.name)
+    out = next(n for n in gm.graph.nodes if n.op == "output").name
+    idom = nx.immediate_dominators(g, source)
+    dominators, v = set(), out
+    while v != source:
+        dominators.add(v)
+        v = idom[v]
+    return [n.name for n in gm.graph.nodes if n.name in dominators and n.meta.get("qc.quantizer") == "act"]
+
+
+class Partition(Pass):
+    """Split the program into reconstruction units (``artifacts['units']``)."""
+
+    name = "partition"
+
+    def __init__(self, granularity: str = "block") -> None:
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        self.granularity = granularity
+
+    def requires(self, program: Program) -> None:
+        require_graph(program, self.name)
+        if not any(True for _ in program.quantizer_nodes("act")):
+            raise PreconditionError("partition needs activation quantizers: run insert_quantizers first")
+
+    def run(self, program: Program) -> PassResult:
+        gm = program.gm
+        order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and not _is_param_side(n)]
+        ends = set(cuts(gm)) if self.granularity == "block" else self._layer_ends(gm)
+        units: list[Unit] = []
+        span: list[fx.Node] = []
+        for n in order:
+            span.append(n)
+            if n.name in ends and any(registry.kind(m, gm) in registry.COMPUTE_KINDS for m in span):
+                units.append(self._unit(gm, span, len(units)))
+                span = []
+        if span:  # trailing ops after the last cut (e.g. an unquantized head) join the last unit
+            if not units:
+                units.append(self._unit(gm, span, 0))
+            else:
+                last = units.pop()
+                units.append(self._unit(gm, [gm_node(gm, x) for x in last.nodes] + span, len(units)))
+        for i, u in enumerate(units):
+            for name in u.nodes:
+                gm_node(gm, name).meta["qc.unit"] = i
+        program.artifacts["units"] = units
+        program.artifacts["granularity"] = self.granularity
+        return PassResult(True, {"units": len(units), "granularity": self.granularity,
+                                 "layers_per_unit": max(len(u.layers) for u in units)})
+
+    @staticmethod
+    def _layer_ends(gm: fx.GraphModule) -> set[str]:
+        """After each compute op, the first activation quantizer downstream of it."""
+        ends = set()
+        for n in gm.graph.nodes:
+            if registry.kind(n, gm) not in registry.COMPUTE_KINDS:
+                continue
+            v = n
+            while v.meta.get("qc.quantizer") != "act" and len(v.users) >= 1:
+                v = next(iter(v.users))
+                if v.op == "output":
+                    break
+            if v.meta.get("qc.quantizer") == "act":
+                ends.add(v.name)
+        return ends
+
+    @staticmethod
+    def _unit(gm: fx.GraphModule, span: list[fx.Node], index: int) -> Unit:
+        names = {n.name for n in span}
+        inputs: list[str] = []
+        for n in span:
+            for m in n.all_input_nodes:
+                if m.name not in names and not _is_param_side(m) and m.name not in inputs:
+                    inputs.append(m.name)
+        layers = [n.meta["qc.layer"] for n in span if registry.kind(n, gm) in registry.COMPUTE_KINDS]
+        return Unit(name=f"unit{index}:{layers[0] if layers else span[0].name}", nodes=[n.name for n in span],
+                    output=span[-1].name, inputs=inputs, layers=layers)
+
+    def ensures(self, program: Program) -> None:
+        units = program.artifacts["units"]
+        covered = [x for u in units for x in u.nodes]
+        if len(covered) != len(set(covered)):
+            raise PreconditionError("partition produced overlapping units")
+
+
+def gm_node(gm: fx.GraphModule, name: str) -> fx.Node:
+    for n in gm.graph.nodes:
+        if n.name == name:
+            return n
+    raise KeyError(name)

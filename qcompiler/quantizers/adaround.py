@@ -1,0 +1,158 @@
+"""AdaRound: learn, per weight, whether it rounds up or down (Nagel et al. 2020, "Up or Down?").
+
+Rule: with per-channel step ``s`` and zero point ``z`` (broadcast on the spec's axis) and one
+learnable ``alpha`` (``V`` in the paper) per weight,
+
+    h(V)   = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)      zeta = 1.1, gamma = -0.1
+    soft   = (clamp(floor(w / s) + h(V) + z, qmin, qmax) - z) * s       (while training)
+    q      = clamp(floor(w / s) + [V >= 0] + z, qmin, qmax)             (hardened integers)
+    hard   = (q - z) * s
+
+``V >= 0`` is the same as ``h(V) >= 0.5``. ``alpha`` starts so that ``h(V)`` equals the fractional
+part ``w / s - floor(w / s)`` (clamped to ``[EPS, 1 - EPS]`` so it stays where h has a gradient),
+with its sign taken from round-half-to-even: at initialisation the hardened weight is exactly
+``UniformQuantizer``'s round-to-nearest, ties included. The regulariser
+``sum(1 - |2 h(V) - 1| ** beta)`` pushes every h to 0 or 1 as ``beta`` is annealed
+(``BetaSchedule``). ``int_repr`` always stores the hard decision, and the hard forward is computed
+from those same integers, so the fake-quant model and the lowered ONNX weights agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, _bcast
+
+ZETA = 1.1
+GAMMA = -0.1
+EPS = 1e-4  # the initial fraction is kept in [EPS, 1 - EPS] before the logit
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``: reaches exactly 0 and 1."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """A ``V`` with ``h(V) = h`` for ``h`` in (0, 1); ``h`` is first clamped to ``[EPS, 1 - EPS]``."""
+    h = torch.clamp(h, EPS, 1.0 - EPS)
+    return torch.logit((h - GAMMA) / (ZETA - GAMMA))
+
+
+class AdaRoundQuantizer(UniformQuantizer):
+    """A weight quantizer whose rounding (up or down, per weight) is learned through ``alpha``.
+
+    The grid (``spec``, ``scale``, ``zero_point``) is the one of the UniformQuantizer it replaces and
+    is not trained here. ``soft`` selects the forward in mode ``"quant"``: the soft weight (True,
+    while reconstructing) or the hardened one (False). A new quantizer starts hard, which at
+    initialisation is round-to-nearest; the trainer sets ``soft = True`` and ``harden()`` sets it
+    back. ``soft`` is a plain attribute, not saved in the state dict: a loaded quantizer is hard.
+    Modes ``"off"`` and ``"observe"`` behave as in UniformQuantizer.
+    """
+
+    def __init__(self, spec: QSpec, channels: int | None = None, weight_shape: tuple[int, ...] = ()) -> None:
+        super().__init__(spec, channels)
+        self.alpha = nn.Parameter(torch.zeros(weight_shape), requires_grad=False)
+        self.soft = False
+
+    @classmethod
+    def from_quantizer(cls, q: UniformQuantizer, w: torch.Tensor) -> AdaRoundQuantizer:
+        """An AdaRound quantizer on ``q``'s grid whose hardened rounding of ``w`` is round-to-nearest."""
+        channels = q.scale.numel() if q.spec.axis is not None else None
+        new = cls(q.spec, channels, tuple(w.shape))
+        with torch.no_grad():
+            new.scale.data = q.scale.detach().clone()
+            new.zero_point.data = q.zero_point.detach().clone()
+        new.mode = q.mode
+        new.to(q.scale.device)
+        new.init_alpha(w)
+        return new
+
+    @torch.no_grad()
+    def init_alpha(self, w: torch.Tensor) -> None:
+        """Set ``alpha`` so that ``h(alpha)`` is the fraction of ``w / s`` and its sign is round-to-nearest.
+
+        Rounds up (``alpha >= 0``) exactly where ``round(w / s) > floor(w / s)`` (half to even, as
+        ``fake_quant``); elsewhere ``alpha`` is made strictly negative.
+        """
+        w = w.detach().to(self.scale.dtype)
+        ws = w / _bcast(self.scale.detach(), w, self.spec.axis)
+        floor = torch.floor(ws)
+        v = inverse_rectified_sigmoid(ws - floor)
+        up = torch.round(ws) > floor
+        tiny = torch.finfo(v.dtype).tiny
+        v = torch.where(up, v.clamp(min=0.0), v.clamp(max=-tiny))
+        self.alpha.data = v.reshape(w.shape).clone()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, soft={self.soft}"
+
+    def _grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if w.shape != self.alpha.shape:
+            raise ValueError(f"AdaRound alpha has shape {tuple(self.alpha.shape)}, weight {tuple(w.shape)}")
+        s = _bcast(self.scale, w, self.spec.axis)
+        z = _bcast(self.zero_point, w, self.spec.axis)
+        return torch.floor(w / s), s, z
+
+    def _hard_int(self, w: torch.Tensor) -> torch.Tensor:
+        """``clamp(floor(w / s) + [alpha >= 0] + z, qmin, qmax)``: the learned integers."""
+        floor, _, z = self._grid(w)
+        up = (self.alpha >= 0).to(floor.dtype)
+        return torch.clamp(floor + up + z, self.qmin, self.qmax)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.mode != "quant":
+            return super().forward(w)
+        if self.soft:
+            floor, s, z = self._grid(w)
+            return (torch.clamp(floor + rectified_sigmoid(self.alpha) + z, self.qmin, self.qmax) - z) * s
+        s = _bcast(self.scale, w, self.spec.axis)
+        z = _bcast(self.zero_point, w, self.spec.axis)
+        return (self._hard_int(w) - z) * s
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """``sum(1 - |2 h(alpha) - 1| ** beta)``: 0 when every h is 0 or 1, ``numel`` when all are 0.5."""
+        h = rectified_sigmoid(self.alpha)
+        return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+
+    def harden(self) -> None:
+        """Switch the forward to the hard rounding ``floor(w / s) + [alpha >= 0]``."""
+        self.soft = False
+
+    @torch.no_grad()
+    def int_repr(self, x: torch.Tensor) -> torch.Tensor:
+        """The integers stored for ``x``: always the hard decision, whatever ``soft`` is.
+
+        The hard forward is ``(int_repr(x) - z) * s``, computed from the same tensor, so it equals the
+        deployed DequantizeLinear of these integers bit for bit.
+        """
+        return self._hard_int(x.detach().to(self.scale.dtype))
+
+
+class BetaSchedule:
+    """The regulariser's exponent ``beta`` over ``iters`` iterations: warm-up, then linear decay.
+
+    Iterations ``it < int(warmup * iters)`` are the warm-up: the regulariser is off (its weight is 0)
+    and ``beta`` reports ``start``. From the first post-warm-up iteration, where it is ``start``,
+    ``beta`` falls linearly to ``end``, reached on the last iteration ``iters - 1`` (and kept after).
+    Linear, like BRECQ/QDrop's decay, but ending exactly on ``end`` at the last iteration.
+    """
+
+    def __init__(self, iters: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> None:
+        if iters < 1:
+            raise ValueError(f"iters must be at least 1, got {iters}")
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {warmup}")
+        self.iters = iters
+        self.warm = int(warmup * iters)
+        self.start = start
+        self.end = end
+
+    def __call__(self, it: int) -> tuple[float, bool]:
+        """``(beta, regulariser on)`` at iteration ``it`` (counted from 0)."""
+        if it < self.warm:
+            return self.start, False
+        span = max(self.iters - 1 - self.warm, 1)
+        rel = min((it - self.warm) / span, 1.0)
+        return self.end + (self.start - self.end) * (1.0 - rel), True

@@ -1,0 +1,170 @@
+"""Reconstruction quantizers: AdaRound rounding, its regulariser and schedule, and the LSQ step gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcompiler.quantizers.adaround import AdaRoundQuantizer, BetaSchedule, rectified_sigmoid
+from qcompiler.quantizers.lsq import LSQQuantizer
+from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, fake_quant
+
+
+def _weight_quantizer(symmetric: bool, method: str = "minmax", seed: int = 0
+                      ) -> tuple[UniformQuantizer, torch.Tensor]:
+    """A calibrated 4-bit per-channel (axis 0) weight quantizer and its conv-shaped weight."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 4, 3, 3, generator=gen) * 0.2 + (0.0 if symmetric else 0.05)
+    q = UniformQuantizer(QSpec(4, signed=True, symmetric=symmetric, axis=0), 8)
+    q.init_from_tensor(w, method)
+    q.mode = "quant"
+    return q, w
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_adaround_init_hardened_is_round_to_nearest(symmetric: bool, method: str) -> None:
+    q, w = _weight_quantizer(symmetric, method)
+    ada = AdaRoundQuantizer.from_quantizer(q, w)
+    assert not ada.soft and ada.mode == "quant"
+    assert torch.equal(ada(w), q(w))
+    assert torch.equal(ada.int_repr(w), q.int_repr(w))
+    ada.soft = True
+    ada.harden()
+    assert torch.equal(ada(w), q(w))
+
+
+def test_adaround_init_ties_round_half_to_even() -> None:
+    q = UniformQuantizer(QSpec(4, signed=True, symmetric=True, axis=0), 2)
+    q.scale.data = torch.tensor([0.25, 0.5])  # powers of two: k + 0.5 steps are exact ties
+    q.mode = "quant"
+    k = torch.arange(-6, 6, dtype=torch.float32) + 0.5
+    w = torch.stack([k * 0.25, k * 0.5])
+    ada = AdaRoundQuantizer.from_quantizer(q, w)
+    assert torch.equal(ada.int_repr(w), q.int_repr(w))
+    assert torch.equal(ada(w), q(w))
+
+
+def test_adaround_soft_init_is_clamped_weight() -> None:
+    q, w = _weight_quantizer(symmetric=False, method="mse")
+    ada = AdaRoundQuantizer.from_quantizer(q, w)
+    ada.soft = True
+    s, z = q.scale[:, None, None, None], q.zero_point[:, None, None, None]
+    clamped = torch.minimum(torch.maximum(w, (q.qmin - z) * s), (q.qmax - z) * s)
+    torch.testing.assert_close(ada(w), clamped, rtol=0, atol=float(q.scale.max()) * 2e-4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_adaround_hardened_weights_on_grid(symmetric: bool) -> None:
+    q, w = _weight_quantizer(symmetric, "mse", seed=1)
+    ada = AdaRoundQuantizer.from_quantizer(q, w)
+    gen = torch.Generator().manual_seed(2)
+    ada.alpha.data += torch.randn(ada.alpha.shape, generator=gen) * 3.0
+    ada.soft = True
+    ada.harden()
+    s, z = q.scale[:, None, None, None], q.zero_point[:, None, None, None]
+    ints, out = ada.int_repr(w), ada(w)
+    assert torch.equal(ints, torch.round(ints))
+    assert bool((ints >= q.qmin).all()) and bool((ints <= q.qmax).all())
+    # The forward is the deployed DequantizeLinear of the stored integers, bit for bit ...
+    assert torch.equal(out, (ints - z) * s)
+    # ... so forward / s + z is those integers (exact after rounding; (k * s) / s may be off by an ulp).
+    assert torch.equal(torch.round(out / s) + z, ints)
+    torch.testing.assert_close(out / s + z, ints, rtol=0, atol=1e-4)
+    # Every weight went down or up: clamp(floor(w / s) + b + z) with b in {0, 1}.
+    floor = torch.floor(w / s)
+    down = torch.clamp(floor + z, q.qmin, q.qmax)
+    up = torch.clamp(floor + 1 + z, q.qmin, q.qmax)
+    assert bool(((ints == down) | (ints == up)).all())
+    assert bool((ints == down).any()) and bool((ints == up).any())
+    assert torch.equal(ints == up, torch.where(ints == down, up == down, ada.alpha >= 0))
+
+
+def test_adaround_state_dict_round_trip() -> None:
+    q, w = _weight_quantizer(symmetric=True)
+    ada = AdaRoundQuantizer.from_quantizer(q, w)
+    ada.alpha.data = -ada.alpha.data
+    loaded = AdaRoundQuantizer(q.spec, 8, tuple(w.shape))
+    loaded.load_state_dict(ada.state_dict())
+    loaded.mode = "quant"
+    assert isinstance(loaded.alpha, torch.nn.Parameter)
+    assert torch.equal(loaded.int_repr(w), ada.int_repr(w))
+    assert torch.equal(loaded(w), ada(w))
+
+
+def test_adaround_regularizer_extremes() -> None:
+    q, w = _weight_quantizer(symmetric=True)
+    ada = AdaRoundQuantizer.from_quantizer(q, w)
+    signs = torch.where(torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) < 0.5, -1.0, 1.0)
+    ada.alpha.data = signs * 20.0  # h is exactly 0 or 1
+    assert torch.equal(rectified_sigmoid(ada.alpha), (signs > 0).float())
+    assert float(ada.regularizer(20.0)) == 0.0
+    assert float(ada.regularizer(2.0)) == 0.0
+    ada.alpha.data = torch.zeros_like(ada.alpha)  # h = 0.5
+    for beta in (2.0, 20.0):
+        assert float(ada.regularizer(beta)) == pytest.approx(w.numel(), rel=1e-6)
+    ada.alpha.data = torch.randn(w.shape) * 0.1
+    assert 0.0 < float(ada.regularizer(2.0)) < w.numel()
+
+
+def test_beta_schedule() -> None:
+    sched = BetaSchedule(100, warmup=0.2)
+    assert all(sched(it) == (20.0, False) for it in range(20))
+    assert sched(20) == (20.0, True)
+    assert sched(99) == (2.0, True)
+    betas = [sched(it)[0] for it in range(20, 100)]
+    assert all(a > b for a, b in zip(betas, betas[1:], strict=False))
+    assert sched(59)[0] == pytest.approx(20.0 - 18.0 * 39 / 79)
+    assert BetaSchedule(10, warmup=0.0)(0) == (20.0, True)
+
+
+def test_adaround_gradient_reaches_alpha_in_soft_mode() -> None:
+    q, w = _weight_quantizer(symmetric=False)
+    ada = AdaRoundQuantizer.from_quantizer(q, w)
+    ada.alpha.requires_grad_(True)
+    ada.soft = True
+    loss = (ada(w) - w * 1.1).pow(2).sum() + 0.01 * ada.regularizer(10.0)
+    loss.backward()
+    assert ada.alpha.grad is not None and float(ada.alpha.grad.abs().sum()) > 0
+    inner = (rectified_sigmoid(ada.alpha) > 0) & (rectified_sigmoid(ada.alpha) < 1)
+    assert bool((ada.alpha.grad[inner] != 0).any())
+
+
+def _act_quantizer(signed: bool) -> UniformQuantizer:
+    bits = 8 if signed else 4
+    q = UniformQuantizer(QSpec(bits, signed=signed, symmetric=False))
+    q.scale.data = torch.tensor(0.1 if not signed else 0.01)
+    q.zero_point.data = torch.tensor(3.0 if not signed else -7.0)
+    q.mode = "quant"
+    return q
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_lsq_scale_gradient_matches_formula(signed: bool) -> None:
+    q = _act_quantizer(signed)
+    lsq = LSQQuantizer.from_quantizer(q)
+    assert lsq.scale.requires_grad and not lsq.zero_point.requires_grad
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4)) * (0.8 if not signed else 1.5)
+    lsq(x).sum().backward()
+    s, z = q.scale.detach(), q.zero_point
+    v = torch.round(x / s) + z
+    inside = (v >= q.qmin) & (v <= q.qmax)
+    below = v < q.qmin
+    assert bool(inside.any()) and bool(below.any()) and bool((v > q.qmax).any())
+    per = torch.where(inside, -x / s + torch.round(x / s), torch.where(below, q.qmin - z, q.qmax - z))
+    g = 1.0 / (x.numel() * (q.qmax - q.qmin)) ** 0.5
+    torch.testing.assert_close(lsq.scale.grad, per.sum() * g)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_lsq_forward_equals_fake_quant(signed: bool) -> None:
+    q = _act_quantizer(signed)
+    lsq = LSQQuantizer.from_quantizer(q)
+    x = torch.randn(4, 8, 5, 5, generator=torch.Generator().manual_seed(5))
+    expected = fake_quant(x, q.scale, q.zero_point, q.qmin, q.qmax)
+    assert torch.equal(lsq(x), expected)
+    assert torch.equal(lsq(x), q(x))
+    lsq.drop_prob = 1.0  # QDrop still applies
+    assert torch.equal(lsq(x), x)
+    lsq.mode = "off"
+    assert torch.equal(lsq(x), x)
