@@ -31,6 +31,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from qcompiler.errors import PreconditionError
+from qcompiler.ir import registry
 from qcompiler.ir.passes import Pass, PassResult, require_graph
 from qcompiler.ir.program import Program
 from qcompiler.passes.partition import Unit, _is_param_side
@@ -103,8 +104,7 @@ class Reconstruct(Pass):
         for n in list(program.quantizer_nodes("weight")):
             q = gm.get_submodule(str(n.target))
             if not isinstance(q, AdaRoundQuantizer):
-                w = gm.get_parameter(str(n.args[0].target)) if str(n.args[0].target) in dict(gm.named_parameters()) \
-                    else gm.get_buffer(str(n.args[0].target))
+                w = registry.get_tensor(gm, str(n.args[0].target))
                 _swap(gm, str(n.target), AdaRoundQuantizer.from_quantizer(q, w.detach()))
         if p < 1.0:
             for n in list(program.quantizer_nodes("act")):
@@ -123,6 +123,8 @@ class Reconstruct(Pass):
                 start, records = int(state["done"]), list(state.get("records", []))
                 self._harden_done(gm, units, start)
                 log.info("resuming reconstruction after unit %d of %d from %s", start, len(units), ckpt_path)
+            else:
+                log.info("ignoring %s: it was written for another configuration", ckpt_path)
 
         needed = self._needed_later(units)
         fp_vals: dict[str, torch.Tensor] = {}
@@ -169,8 +171,9 @@ class Reconstruct(Pass):
 
     @staticmethod
     def _signature(cfg) -> dict:
-        return {k: getattr(cfg, k) for k in ("method", "w_bits", "a_bits", "iters", "batch_size", "seed", "w_lr",
-                                             "a_lr", "reg_weight")}
+        keys = ("method", "w_bits", "a_bits", "iters", "batch_size", "seed", "w_lr", "a_lr", "reg_weight", "qdrop",
+                "granularity", "w_init", "a_init", "per_channel", "w_symmetric", "overrides")
+        return {k: getattr(cfg, k) for k in keys}
 
     @staticmethod
     def _needed_later(units: list[Unit]) -> list[set[str]]:

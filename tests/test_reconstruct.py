@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODELS
 
 import qcompiler
 from qcompiler.passes.reconstruct import Reconstruct
 from qcompiler.quantizers.uniform import MaskPool, QSpec, UniformQuantizer
+
+from conftest import MODELS
 
 FAST = {"bits": "w4a4", "method": "qdrop", "iters": 30, "model_args": {"num": 128}}
 
