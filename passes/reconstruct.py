@@ -114,11 +114,19 @@ class Reconstruct(Pass):
         for prm in gm.parameters():
             prm.requires_grad_(False)
 
+        fp_vals: dict[str, torch.Tensor] = {}
+        q_vals: dict[str, torch.Tensor] = {}
+        for k, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+            fp_vals[n.name] = q_vals[n.name] = torch.cat(
+                [b[k] if isinstance(b, tuple) else b[n.name] for b in program.calib])
+        # A checkpoint is only valid for the same configuration, units and calibration data.
+        signature = {**self._signature(cfg), "units": [u.name for u in units],
+                     "data": [[list(v.shape), float(v.double().sum())] for v in fp_vals.values()]}
         ckpt_path = Path(cfg.work_dir) / CHECKPOINT if cfg.work_dir else None
         start, records = 0, []
         if ckpt_path is not None and ckpt_path.exists():
             state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if state.get("units") == [u.name for u in units] and state.get("signature") == self._signature(cfg):
+            if state.get("signature") == signature:
                 gm.load_state_dict(state["model"], strict=False)
                 start, records = int(state["done"]), list(state.get("records", []))
                 self._harden_done(gm, units, start)
@@ -127,11 +135,6 @@ class Reconstruct(Pass):
                 log.info("ignoring %s: it was written for another configuration", ckpt_path)
 
         needed = self._needed_later(units)
-        fp_vals: dict[str, torch.Tensor] = {}
-        q_vals: dict[str, torch.Tensor] = {}
-        for k, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-            fp_vals[n.name] = q_vals[n.name] = torch.cat(
-                [b[k] if isinstance(b, tuple) else b[n.name] for b in program.calib])
         t_all = time.perf_counter()
         for i, unit in enumerate(units):
             extra = [x for x in needed[i] if x != unit.output]
@@ -150,7 +153,7 @@ class Reconstruct(Pass):
                 records.append(rec)
                 log.info("%-34s loss %.4g -> %.4g  (%.1fs)", unit.name, before, after, rec["seconds"])
                 if ckpt_path is not None:
-                    self._checkpoint(ckpt_path, gm, units, i + 1, records, cfg)
+                    self._checkpoint(ckpt_path, gm, i + 1, records, signature)
             with torch.no_grad():
                 q_out = self._forward(gm, sub, q_in, quant=True)
             for name, f, q in zip([unit.output, *extra], fp_out, q_out, strict=True):
@@ -287,10 +290,9 @@ class Reconstruct(Pass):
                     q.harden()
 
     @staticmethod
-    def _checkpoint(path: Path, gm: fx.GraphModule, units: list[Unit], done: int, records: list, cfg) -> None:
+    def _checkpoint(path: Path, gm: fx.GraphModule, done: int, records: list, signature: dict) -> None:
         state = {"model": {k: v for k, v in gm.state_dict().items() if k.startswith("qc_")},
-                 "done": done, "units": [u.name for u in units], "records": records,
-                 "signature": Reconstruct._signature(cfg)}
+                 "done": done, "records": records, "signature": signature}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)

@@ -35,8 +35,8 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
     real = Reconstruct._checkpoint
     calls = {"n": 0}
 
-    def dying_checkpoint(path, gm, units, done, records, cfg):
-        real(path, gm, units, done, records, cfg)
+    def dying_checkpoint(path, gm, done, records, signature):
+        real(path, gm, done, records, signature)
         calls["n"] += 1
         if calls["n"] == 4:
             raise _Killed  # as if killed right after the 4th unit's checkpoint
