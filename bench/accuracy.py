@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, emit, quiet
 
 
 def evaluate_all(model_file: str, bits: str, **options) -> dict:
@@ -69,27 +68,20 @@ def _value(v: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", default=None)
     p.add_argument("--bits", nargs="+", default=["w8a8", "w4a4"])
     p.add_argument("--out")
     p.add_argument("options", nargs="*", help="compile options KEY=VALUE (e.g. a_init=minmax)")
     args = p.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.onnx._internal.exporter._registration"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet()
     options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.options)}
     rows = []
     for m in args.model or [str(ROOT / "models/resnet_cifar.py")]:
         for bits in args.bits:
             rows.append(evaluate_all(m, bits, **options))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    table = markdown(rows)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table)
+    emit(markdown(rows), args.out)
     return 0
 
 

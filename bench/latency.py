@@ -13,21 +13,11 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _quiet() -> None:
-    import logging
-
-    warnings.filterwarnings("ignore")
-    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.onnx._internal.exporter._registration",
-                 "torch.export", "qcompiler"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+from common import ROOT, emit, quiet
 
 
 def measure(model_file: str, bits: str, threads: int, rounds: int, batches: tuple[int, ...]) -> dict:
@@ -84,12 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", help="also write the Markdown table here")
     args = p.parse_args(argv)
-    _quiet()
+    quiet()
     rows = [measure(m, args.bits, args.threads, args.rounds, (1, 64)) for m in args.models]
-    table = markdown(rows)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table)
+    emit(markdown(rows), args.out)
     return 0
 
 

@@ -37,7 +37,7 @@ from qcompiler.ir.program import Program
 from qcompiler.passes.partition import Unit, _is_param_side
 from qcompiler.quantizers.adaround import AdaRoundQuantizer, BetaSchedule
 from qcompiler.quantizers.lsq import LSQQuantizer
-from qcompiler.quantizers.uniform import BiasQuantizer, MaskPool
+from qcompiler.quantizers.uniform import BiasQuantizer, MaskPool, qdrop_mix
 
 log = logging.getLogger("qcompiler.reconstruct")
 
@@ -68,9 +68,9 @@ def unit_module(gm: fx.GraphModule, unit: Unit, extra_outputs: list[str]) -> fx.
     return fx.GraphModule(gm, g)
 
 
-def _quantizers(gm: fx.GraphModule, sub: fx.GraphModule, which: str) -> list[tuple[str, nn.Module]]:
-    return [(str(n.target), gm.get_submodule(str(n.target))) for n in sub.graph.nodes
-            if n.meta.get("qc.quantizer") == which]
+def _quantizers(gm: fx.GraphModule, sub: fx.GraphModule, which: str) -> list[nn.Module]:
+    """The ``which`` ("act"/"weight") quantizer modules a unit's graph calls."""
+    return [gm.get_submodule(str(n.target)) for n in sub.graph.nodes if n.meta.get("qc.quantizer") == which]
 
 
 def _swap(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
@@ -97,7 +97,6 @@ class Reconstruct(Pass):
 
     def run(self, program: Program) -> PassResult:
         gm, cfg = program.gm, program.config
-        self._cfg = cfg
         units: list[Unit] = program.artifacts["units"]
         p = cfg.qdrop_prob()
         # Swap in the trainable quantizers.
@@ -146,7 +145,7 @@ class Reconstruct(Pass):
             if i >= start:
                 t0 = time.perf_counter()
                 before = self._loss(gm, sub, q_in, fp_out[0])
-                self._train(gm, sub, unit, i, fp_in, q_in, fp_out[0], p)
+                self._train(cfg, gm, sub, unit, i, fp_in, q_in, fp_out[0], p)
                 after = self._loss(gm, sub, q_in, fp_out[0])
                 rec = {"unit": unit.name, "layers": len(unit.layers), "loss_before": before, "loss_after": after,
                        "seconds": round(time.perf_counter() - t0, 2)}
@@ -193,7 +192,7 @@ class Reconstruct(Pass):
     def _set_modes(gm: fx.GraphModule, sub: fx.GraphModule, mode: str) -> list[tuple[nn.Module, str]]:
         saved = []
         for which in ("act", "weight"):
-            for _, q in _quantizers(gm, sub, which):
+            for q in _quantizers(gm, sub, which):
                 saved.append((q, q.mode))
                 q.mode = mode
         return saved
@@ -213,12 +212,11 @@ class Reconstruct(Pass):
             out = self._forward(gm, sub, [x[:n] for x in q_in], quant=True)[0]
             return float(_rec_loss(out, fp_out[:n]))
 
-    def _train(self, gm, sub, unit: Unit, index: int, fp_in, q_in, fp_out, p: float) -> None:
-        cfg = self._cfg
+    def _train(self, cfg, gm, sub, unit: Unit, index: int, fp_in, q_in, fp_out, p: float) -> None:
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + index)
         torch.manual_seed(cfg.seed * 100003 + index)
-        wqs = [q for _, q in _quantizers(gm, sub, "weight") if isinstance(q, AdaRoundQuantizer)]
-        aqs = [q for _, q in _quantizers(gm, sub, "act") if isinstance(q, LSQQuantizer)] if p < 1.0 else []
+        wqs = [q for q in _quantizers(gm, sub, "weight") if isinstance(q, AdaRoundQuantizer)]
+        aqs = [q for q in _quantizers(gm, sub, "act") if isinstance(q, LSQQuantizer)] if p < 1.0 else []
         for q in wqs:
             q.alpha.requires_grad_(True)
             q.soft = True
@@ -229,7 +227,7 @@ class Reconstruct(Pass):
                 q.scale.requires_grad_(True)
             opt_a = torch.optim.Adam([q.scale for q in aqs], lr=cfg.a_lr)
             sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0)
-        acts = [q for _, q in _quantizers(gm, sub, "act")]
+        acts = _quantizers(gm, sub, "act")
         saved = self._set_modes(gm, sub, "quant")
         masks = MaskPool(p, gen) if 0.0 < p < 1.0 else None
         for q in acts:
@@ -242,15 +240,8 @@ class Reconstruct(Pass):
         try:
             for it in bar:
                 idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-                xs = []
-                for f, q in zip(fp_in, q_in, strict=True):
-                    f, q = f[idx], q[idx]
-                    if p >= 1.0:
-                        xs.append(f)
-                    elif p <= 0.0 or not f.is_floating_point():
-                        xs.append(q)
-                    else:
-                        xs.append(torch.where(masks.mask(q.shape), f, q))
+                xs = [qdrop_mix(f[idx], q[idx], p, masks) if f.is_floating_point() else q[idx]
+                      for f, q in zip(fp_in, q_in, strict=True)]
                 out = sub(*xs)[0]
                 loss = _rec_loss(out, fp_out[idx])
                 beta, reg_on = beta_of(it)
@@ -285,7 +276,7 @@ class Reconstruct(Pass):
     def _harden_done(gm: fx.GraphModule, units: list[Unit], done: int) -> None:
         for unit in units[:done]:
             sub = unit_module(gm, unit, [])
-            for _, q in _quantizers(gm, sub, "weight"):
+            for q in _quantizers(gm, sub, "weight"):
                 if isinstance(q, AdaRoundQuantizer):
                     q.harden()
 

@@ -66,18 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.onnx._internal.exporter._registration",
-                  "torch.export", "torch._dynamo", "torch.fx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from qcompiler.logs import quiet_exporters
+
+    quiet_exporters()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         from qcompiler.api import compile as qcompile
         from qcompiler.config import parse_pairs

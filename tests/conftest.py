@@ -8,22 +8,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from qcompiler.logs import quiet_exporters
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("QCOMPILER_DATA", ROOT.parent / "shared" / "data"))
 MODELS = ROOT / "models"
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-for name in ("onnx_ir", "onnxscript", "torch", "torch.onnx", "torch.onnx._internal.exporter._registration",
-             "torch.export", "torch.__trace", "torch._export.non_strict_utils"):
-    logging.getLogger(name).setLevel(logging.ERROR)
+quiet_exporters()
+logging.getLogger("torch").setLevel(logging.ERROR)
 torch.set_num_threads(2)
 
 needs_shared = pytest.mark.skipif(not (DATA / "cifar10" / "test10k.npz").exists(),

@@ -135,6 +135,16 @@ class MaskPool:
         return self.pool[start:start + n].view(shape)
 
 
+def qdrop_mix(x: torch.Tensor, xq: torch.Tensor, p: float, masks: MaskPool | None = None) -> torch.Tensor:
+    """QDrop: each element is ``x`` (float) with probability ``p``, else ``xq`` (quantized)."""
+    if p <= 0.0:
+        return xq
+    if p >= 1.0:
+        return x
+    keep = masks.mask(x.shape) if masks is not None else torch.rand(x.shape) < p
+    return torch.where(keep, x, xq)
+
+
 class RangeObserver:
     """Collects running min/max and a bounded random sample of an activation's values."""
 
@@ -207,12 +217,7 @@ class UniformQuantizer(nn.Module):
 
     def drop(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
         """QDrop: keep each element of ``x`` float with probability ``drop_prob`` (else quantized)."""
-        if self.drop_prob <= 0.0:
-            return xq
-        if self.drop_prob >= 1.0:
-            return x
-        keep = self.drop_masks.mask(x.shape) if self.drop_masks is not None else torch.rand(x.shape) < self.drop_prob
-        return torch.where(keep, x, xq)
+        return qdrop_mix(x, xq, self.drop_prob, self.drop_masks)
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
