@@ -70,7 +70,7 @@ def _value(v: str):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", default=None)
-    p.add_argument("--bits", nargs="+", default=["w8a8", "w4a4"])
+    p.add_argument("--bits", nargs="+", default=["w8a8", "w4a4"], help="put KEY=VALUE options before --bits")
     p.add_argument("--out")
     p.add_argument("options", nargs="*", help="compile options KEY=VALUE (e.g. a_init=minmax)")
     args = p.parse_args(argv)

@@ -1,8 +1,12 @@
-"""Where reconstruction spends its time: cProfile of a short QDrop run on ResNet-20.
+"""Where reconstruction spends its time, per unit of ResNet-20, against the cost of its convolutions.
 
-    python bench/profile_recon.py [--iters 100] [--bits w4a4] [--top 15]
+    python bench/profile_recon.py [--iters 200] [--bits w4a4] [--cprofile 15]
 
-Prints the per-iteration wall time of the training loops and the functions with the most own time.
+For each unit it prints the measured time per training iteration (QDrop, batch 32; the unit's two
+loss evaluations included) next to the *floor*: one float forward and backward of the same unit at
+the same batch, quantizers off, gradients to the weights only (what any reconstruction must at least
+pay). Floors are medians of 20 repetitions measured after the run, in the same process.
+``--cprofile N`` also prints the N functions with the most own time.
 """
 
 from __future__ import annotations
@@ -11,29 +15,69 @@ import argparse
 import cProfile
 import pstats
 import sys
+import time
 
 from common import ROOT, quiet
 
 
+def floor_ms(gm, unit, batch: int, reps: int = 20) -> float:
+    """Median ms of a float forward+backward of ``unit`` (weights require grad, inputs random)."""
+    import torch
+
+    from qcompiler.passes.reconstruct import Reconstruct, unit_module
+
+    sub = unit_module(gm, unit, [])
+    saved = Reconstruct._set_modes(gm, sub, "off")
+    shapes = {n.name: n.meta["tensor_meta"].shape for n in gm.graph.nodes if "tensor_meta" in n.meta}
+    xs = [torch.randn(batch, *shapes[x][1:]) for x in unit.inputs]
+    params = [p for n, p in gm.named_parameters() if not n.startswith("qc_")]
+    for prm in params:
+        prm.requires_grad_(True)
+    times = []
+    for _ in range(reps + 3):
+        t = time.perf_counter()
+        sub(*xs)[0].pow(2).sum().backward()
+        times.append(time.perf_counter() - t)
+    for prm in params:
+        prm.requires_grad_(False)
+        prm.grad = None
+    for q, m in saved:
+        q.mode = m
+    times = sorted(times[3:])
+    return 1e3 * times[len(times) // 2]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--iters", type=int, default=200)
     p.add_argument("--bits", default="w4a4")
-    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--cprofile", type=int, default=0, metavar="N")
     args = p.parse_args(argv)
     quiet()
+    from torch.fx.passes.shape_prop import ShapeProp
+
     import qcompiler
 
-    prof = cProfile.Profile()
-    prof.enable()
+    prof = cProfile.Profile() if args.cprofile else None
+    if prof:
+        prof.enable()
     r = qcompiler.compile(str(ROOT / "models/resnet_cifar.py"), bits=args.bits, method="qdrop", iters=args.iters,
                           stop_after="reconstruct")
-    prof.disable()
-    units = r.report["reconstruction"]["units"]
-    train_s = sum(u["seconds"] for u in units)
-    print(f"{len(units)} units x {args.iters} iterations: {train_s:.1f} s, "
-          f"{1e3 * train_s / (len(units) * args.iters):.1f} ms per iteration (loss evaluations included)")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    if prof:
+        prof.disable()
+    gm, units = r.program.gm, r.program.artifacts["units"]
+    ShapeProp(gm).propagate(*r.program.calib[0])
+    recs = r.report["reconstruction"]["units"]
+    print("| unit | ms per iteration | float fwd+bwd floor ms | ratio |\n|---|---|---|---|")
+    tot, tot_floor = 0.0, 0.0
+    for unit, rec in zip(units, recs, strict=True):
+        ms = 1e3 * rec["seconds"] / args.iters
+        fl = floor_ms(gm, unit, r.program.config.batch_size)
+        tot, tot_floor = tot + ms, tot_floor + fl
+        print(f"| {unit.name} | {ms:.1f} | {fl:.1f} | {ms / fl:.2f} |")
+    print(f"| all | {tot:.1f} | {tot_floor:.1f} | {tot / tot_floor:.2f} |")
+    if prof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.cprofile)
     return 0
 
 

@@ -5,6 +5,10 @@ range that minimises the squared quantization error); activation quantizers obse
 calibration batches while weights are already quantized and activations still float, then take
 their range from what they saw (``a_init``: min-max, MSE search, or the percentile clip).
 Afterwards every quantizer fake-quantizes: the program computes what round-to-nearest deploys.
+
+``Calibrate(weights=False)`` (pass name ``recalibrate``) keeps the weight quantizers as they are and
+only re-observes the activations: the methods that reconstruct weights with float activations
+(AdaRound, BRECQ) calibrate their activations after, on the reconstructed weights.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ class Calibrate(Pass):
 
     name = "calibrate"
 
+    def __init__(self, weights: bool = True) -> None:
+        self.weights = weights
+        if not weights:
+            self.name = "recalibrate"
+
     def requires(self, program: Program) -> None:
         require_graph(program, self.name)
         if not any(True for _ in program.quantizer_nodes()):
@@ -34,7 +43,7 @@ class Calibrate(Pass):
 
     def run(self, program: Program) -> PassResult:
         gm, cfg = program.gm, program.config
-        for node in program.quantizer_nodes("weight"):
+        for node in program.quantizer_nodes("weight") if self.weights else []:
             q = gm.get_submodule(node.target)
             w_node = node.args[0]
             q.init_from_tensor(gm.get_parameter(str(w_node.target)) if _is_param(gm, w_node.target)
@@ -46,7 +55,7 @@ class Calibrate(Pass):
             q.observer = None
         torch.manual_seed(cfg.seed)
         with torch.no_grad():
-            for batch in tqdm(program.calib, desc="calibrate", unit="batch", leave=False,
+            for batch in tqdm(program.calib, desc=self.name, unit="batch", leave=False,
                               disable=not log.isEnabledFor(logging.INFO)):
                 try:
                     call(gm, batch)
@@ -59,7 +68,7 @@ class Calibrate(Pass):
             except RuntimeError as exc:
                 raise CalibrationDataError(f"activation quantizer {node.name} saw no data") from exc
             q.mode = "quant"
-        return PassResult(True, {"weights": sum(1 for _ in program.quantizer_nodes("weight")),
+        return PassResult(True, {"weights": sum(1 for _ in program.quantizer_nodes("weight")) if self.weights else 0,
                                  "activations": len(acts), "batches": len(program.calib)})
 
     def ensures(self, program: Program) -> None:

@@ -5,7 +5,10 @@ model output passes through (it dominates the output in the DAG, found with netw
 adds and branch joins are therefore never cut inside: a residual block lies between two cuts.
 
 - ``block``: a unit is the span between two consecutive cuts that contains a compute op
-  (spans without one join the following unit).
+  (spans without one join the following unit). A chain of layers that all dominate the output (a
+  block without a residual, e.g. a MobileNet/EfficientNet MBConv without skip) has a cut after
+  every layer; there the module hierarchy decides: the unit only ends at a cut when the next
+  compute op lives in another parent module (``_blocks.3._project_conv`` -> ``_blocks.3``).
 - ``layer``: every compute op is its own unit, ending at the next activation quantizer that
   follows it (the output the integer kernel requantizes).
 
@@ -92,13 +95,22 @@ class Partition(Pass):
         gm = program.gm
         order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and not _is_param_side(n)]
         ends = set(cuts(gm)) if self.granularity == "block" else self._layer_ends(gm)
+        compute = [i for i, n in enumerate(order) if registry.kind(n, gm) in registry.COMPUTE_KINDS]
         units: list[Unit] = []
         span: list[fx.Node] = []
-        for n in order:
+        for i, n in enumerate(order):
             span.append(n)
-            if n.name in ends and any(registry.kind(m, gm) in registry.COMPUTE_KINDS for m in span):
-                units.append(self._unit(gm, span, len(units)))
-                span = []
+            if n.name not in ends:
+                continue
+            inside = [m for m in span if registry.kind(m, gm) in registry.COMPUTE_KINDS]
+            if not inside:
+                continue
+            if self.granularity == "block":
+                nxt = next((order[j] for j in compute if j > i), None)
+                if nxt is not None and _scope(nxt.meta["qc.layer"]) == _scope(inside[-1].meta["qc.layer"]):
+                    continue  # a cut inside one module's chain of layers: the block goes on
+            units.append(self._unit(gm, span, len(units)))
+            span = []
         if span:  # trailing ops after the last cut (e.g. an unquantized head) join the last unit
             if not units:
                 units.append(self._unit(gm, span, 0))
@@ -146,6 +158,11 @@ class Partition(Pass):
         covered = [x for u in units for x in u.nodes]
         if len(covered) != len(set(covered)):
             raise PreconditionError("partition produced overlapping units")
+
+
+def _scope(layer: str) -> str:
+    """The parent module of a layer (``"layer1.0.conv2"`` -> ``"layer1.0"``; top level -> ``""``)."""
+    return layer.rsplit(".", 1)[0] if "." in layer else ""
 
 
 def gm_node(gm: fx.GraphModule, name: str) -> fx.Node:

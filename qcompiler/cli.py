@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", help="reconstruction units: layer or block (default: the method's)")
     p.add_argument("--w-lr", type=float, default=1e-3, help="AdaRound learning rate (default 1e-3)")
     p.add_argument("--a-lr", type=float, default=4e-5, help="LSQ activation step learning rate (default 4e-5)")
+    p.add_argument("--cache-mb", type=int, default=4096,
+                   help="memory for reconstruction caches; beyond it they spill to files in --report DIR "
+                        "(default 4096)")
     p.add_argument("--eval", action="store_true", help="evaluate the float, fake-quant and ORT models")
     p.add_argument("--report", metavar="DIR", help="write report.json and summary.md to DIR")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the final line")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             w_symmetric=not args.w_asymmetric, w_init=args.w_init, a_init=args.a_init, percentile=args.percentile,
             first_last_8bit=not args.no_first_last_8bit, reduce_range=not args.full_range_weights, seed=args.seed,
             iters=args.iters, batch_size=args.batch_size, qdrop=args.qdrop, granularity=args.granularity,
-            w_lr=args.w_lr, a_lr=args.a_lr)
+            w_lr=args.w_lr, a_lr=args.a_lr, cache_mb=args.cache_mb)
     except QCompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

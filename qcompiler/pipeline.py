@@ -47,6 +47,8 @@ def default_passes(config: QConfig, target: Target) -> list[Pass]:
         from qcompiler.passes.reconstruct import Reconstruct
 
         passes += [Partition(config.unit_granularity()), Reconstruct()]
+        if config.qdrop_prob() >= 1.0:  # activations stayed float while reconstructing: calibrate them now
+            passes.append(Calibrate(weights=False))
     return passes + list(target.lowering_passes())
 
 

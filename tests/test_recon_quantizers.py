@@ -168,3 +168,63 @@ def test_lsq_forward_equals_fake_quant(signed: bool) -> None:
     assert torch.equal(lsq(x), x)
     lsq.mode = "off"
     assert torch.equal(lsq(x), x)
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_lsq_fused_gradients_match_autograd_composition_under_qdrop(axis: int | None) -> None:
+    """The fused LSQ function gives the gradients autograd gives for where(keep, x, fake_quant(x))."""
+    from qcompiler.quantizers.lsq import grad_scale_reference
+    from qcompiler.quantizers.uniform import MaskPool
+
+    gen = torch.Generator().manual_seed(9)
+    channels = 3 if axis is not None else None
+    q = UniformQuantizer(QSpec(4, signed=False, symmetric=False, axis=axis), channels)
+    q.scale.data = torch.tensor([0.1, 0.07, 0.12]) if axis is not None else torch.tensor(0.1)
+    q.zero_point.data = torch.tensor([2.0, 0.0, 5.0]) if axis is not None else torch.tensor(2.0)
+    q.mode = "quant"
+    lsq = LSQQuantizer.from_quantizer(q)
+    x = (torch.randn(4, 3, 6, 6, generator=gen) * 0.9).requires_grad_(True)
+    upstream = torch.randn(4, 3, 6, 6, generator=gen)
+    lsq.drop_prob, lsq.drop_masks = 0.5, MaskPool(0.5, torch.Generator().manual_seed(1), size=4096)
+    state = lsq.drop_masks.gen.get_state()
+    (lsq(x) * upstream).sum().backward()
+    got_x, got_s = x.grad.clone(), lsq.scale.grad.clone()
+
+    lsq.drop_masks.gen.set_state(state)  # the same keep-mask again
+    keep = lsq.keep_mask(x)
+    assert 0 < int(keep.sum()) < keep.numel()
+    x.grad, scale = None, lsq.scale.detach().clone().requires_grad_(True)
+    ref = torch.where(keep.bool(), x, grad_scale_reference(x, scale, lsq.zero_point, q.qmin, q.qmax, lsq.grad_factor(x), axis))
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(got_x, x.grad)
+    torch.testing.assert_close(got_s, scale.grad)
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_native_lsq_kernel_equals_torch_composition(with_keep: bool) -> None:
+    """The C kernel gives bit-identical values and the same gradients as the torch composition."""
+    import shutil
+
+    from qcompiler.quantizers import lsq, native
+
+    if native.library() is None:
+        assert shutil.which("cc") is None, "a C compiler is present but the native kernels did not build"
+        pytest.skip("no C compiler: the torch composition is used")
+    gen = torch.Generator().manual_seed(11)
+    s = torch.tensor(0.0625)
+    x = torch.randn(3, 5, 7, 9, generator=gen) * 0.6
+    x.view(-1)[:40] = (torch.arange(40) - 20) * 0.03125  # exact ties: x / s = k + 0.5
+    keep = (torch.rand(x.shape, generator=gen) < 0.5).float() if with_keep else None
+    upstream = torch.randn(x.shape, generator=gen)
+    results = []
+    for use_native in (False, True):
+        xi = x.clone().requires_grad_(True)
+        si = s.clone().requires_grad_(True)
+        out = lsq._NativeLSQFakeQuant.apply(xi, si, -2.0, 13.0, 0.01, keep) if use_native else \
+            lsq._LSQFakeQuant.apply(xi, si, -2.0, 13.0, 0.01, None, keep)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), xi.grad, si.grad))
+    (o1, gx1, gs1), (o2, gx2, gs2) = results
+    assert torch.equal(o1, o2)
+    assert torch.equal(gx1, gx2)
+    torch.testing.assert_close(gs1, gs2, rtol=1e-5, atol=1e-7)

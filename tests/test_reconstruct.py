@@ -69,3 +69,64 @@ def test_qdrop_probability_one_feeds_float_and_zero_feeds_quantized():
     from_quant = (mixed == xq) & (x != xq)
     assert torch.all(from_float | from_quant | (x == xq))
     assert 0.4 < from_float.float().sum() / (x != xq).sum() < 0.6
+
+
+class _Chain(torch.nn.Module):
+    """Two MBConv-like blocks without skip (every layer dominates the output) and a residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        def block(c_in, c_out):
+            return torch.nn.Sequential(torch.nn.Conv2d(c_in, 8, 1), torch.nn.ReLU6(),
+                                       torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU6(),
+                                       torch.nn.Conv2d(8, c_out, 1))
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = torch.nn.Sequential(block(4, 6), block(6, 6))
+        self.res = block(6, 6)
+        self.fc = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.stem(x)))
+        x = x + self.res(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("granularity, expected", [
+    ("block", [["stem"], ["blocks.0.0", "blocks.0.2", "blocks.0.4"], ["blocks.1.0", "blocks.1.2", "blocks.1.4"],
+               ["res.0", "res.2", "res.4"], ["fc"]]),
+    ("layer", [[x] for x in ["stem", "blocks.0.0", "blocks.0.2", "blocks.0.4", "blocks.1.0", "blocks.1.2",
+                             "blocks.1.4", "res.0", "res.2", "res.4", "fc"]]),
+])
+def test_partition_keeps_chained_blocks_whole(granularity, expected):
+    torch.manual_seed(0)
+    calib = [(torch.randn(4, 3, 8, 8),) for _ in range(2)]
+    r = qcompiler.compile(_Chain().eval(), example_inputs=calib[0], calib=calib, bits="w4a4", method="qdrop",
+                          granularity=granularity, stop_after="partition")
+    assert [u.layers for u in r.program.artifacts["units"]] == expected
+
+
+def test_spilled_caches_give_identical_parameters(tmp_path, monkeypatch):
+    """With a zero memory budget every cached value lives in a memory-mapped file: same result."""
+    import numpy as np
+
+    from qcompiler.passes import reconstruct
+
+    spilled = []
+    real_memmap = np.memmap
+
+    def counting_memmap(path, *args, **kwargs):
+        spilled.append(path)
+        return real_memmap(path, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct.np, "memmap", counting_memmap)
+    opts = {**FAST, "iters": 5}
+    runs = []
+    for cache_mb, work in ((4096, None), (0, str(tmp_path))):
+        r = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", cache_mb=cache_mb,
+                              work_dir=work, **opts)
+        runs.append({k: v for k, v in r.program.gm.state_dict().items() if k.startswith("qc_")})
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+    assert len(spilled) >= 2 * 11 and all(str(p).startswith(str(tmp_path)) for p in spilled)
+    assert not list((tmp_path / "cache").glob("*.bin"))  # spilled files are removed afterwards

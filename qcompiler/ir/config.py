@@ -62,6 +62,7 @@ class QConfig:
     qdrop: float | None = None
     granularity: str | None = None
     work_dir: str | None = None
+    cache_mb: int = 4096  # reconstruction caches beyond this spill to memory-mapped files
 
     def __post_init__(self) -> None:
         for name, b in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):

@@ -46,7 +46,8 @@ class AdaRoundQuantizer(UniformQuantizer):
     The grid (``spec``, ``scale``, ``zero_point``) is the one of the UniformQuantizer it replaces and
     is not trained here. ``soft`` selects the forward in mode ``"quant"``: the soft weight (True,
     while reconstructing) or the hardened one (False). A new quantizer starts hard, which at
-    initialisation is round-to-nearest; the trainer sets ``soft = True`` and ``harden()`` sets it
+    initialisation is round-to-nearest; the trainer sets ``soft = True`` (and leaves the weight and grid
+    alone: the soft forward caches ``floor(w / s)``) and ``harden()`` sets it
     back. ``soft`` is a plain attribute, not saved in the state dict: a loaded quantizer is hard.
     Modes ``"off"`` and ``"observe"`` behave as in UniformQuantizer.
     """
@@ -55,6 +56,7 @@ class AdaRoundQuantizer(UniformQuantizer):
         super().__init__(spec, channels)
         self.alpha = nn.Parameter(torch.zeros(weight_shape), requires_grad=False)
         self.soft = False
+        self._base: torch.Tensor | None = None  # floor(w / s) + z, cached while soft
 
     @classmethod
     def from_quantizer(cls, q: UniformQuantizer, w: torch.Tensor) -> AdaRoundQuantizer:
@@ -105,8 +107,13 @@ class AdaRoundQuantizer(UniformQuantizer):
         if self.mode != "quant":
             return super().forward(w)
         if self.soft:
-            floor, s, z = self._grid(w)
-            return (torch.clamp(floor + rectified_sigmoid(self.alpha) + z, self.qmin, self.qmax) - z) * s
+            # The weight and its grid do not change while the rounding is learned: floor once.
+            if self._base is None or self._base.shape != w.shape:
+                floor, _, z = self._grid(w)
+                self._base = (floor + z).detach()
+            s = _bcast(self.scale, w, self.spec.axis)
+            z = _bcast(self.zero_point, w, self.spec.axis)
+            return (torch.clamp(self._base + rectified_sigmoid(self.alpha), self.qmin, self.qmax) - z) * s
         s = _bcast(self.scale, w, self.spec.axis)
         z = _bcast(self.zero_point, w, self.spec.axis)
         return (self._hard_int(w) - z) * s
@@ -119,6 +126,7 @@ class AdaRoundQuantizer(UniformQuantizer):
     def harden(self) -> None:
         """Switch the forward to the hard rounding ``floor(w / s) + [alpha >= 0]``."""
         self.soft = False
+        self._base = None
 
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:

@@ -119,20 +119,35 @@ class MaskPool:
 
     Drawing a fresh uniform tensor per activation per step costs as much as the convolutions on
     CPU; slices of a large pool (re-offset by the seeded generator every call) are as good for
-    dropping and deterministic for a given seed.
+    dropping and deterministic for a given seed. Masks are float 0/1 tensors (1 = keep float): on
+    CPU, arithmetic with a float mask is several times faster than ``where`` with a bool one.
     """
 
     def __init__(self, p: float, generator: torch.Generator, size: int = 1 << 23) -> None:
         self.p = p
         self.gen = generator
-        self.pool = torch.rand(size, generator=generator) < p
+        self.pool = (torch.rand(size, generator=generator) < p).float()
 
     def mask(self, shape: torch.Size) -> torch.Tensor:
         n = math.prod(shape)
         if n > self.pool.numel():
-            return torch.rand(shape, generator=self.gen) < self.p
+            return (torch.rand(shape, generator=self.gen) < self.p).float()
         start = int(torch.randint(0, self.pool.numel() - n + 1, (1,), generator=self.gen))
         return self.pool[start:start + n].view(shape)
+
+
+def keep_mask(shape: torch.Size, p: float, masks: MaskPool | None = None) -> torch.Tensor | None:
+    """QDrop's Bernoulli(``p``) keep-mask, float 1 = stay float; None when ``p <= 0`` (nothing kept)."""
+    if p <= 0.0:
+        return None
+    if p >= 1.0:
+        return torch.ones(shape)
+    return masks.mask(shape) if masks is not None else (torch.rand(shape) < p).float()
+
+
+def mix(x: torch.Tensor, xq: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``keep`` is 1, ``xq`` where it is 0: ``lerp`` is exact at both ends and is one pass."""
+    return torch.lerp(xq, x, keep)
 
 
 def qdrop_mix(x: torch.Tensor, xq: torch.Tensor, p: float, masks: MaskPool | None = None) -> torch.Tensor:
@@ -141,8 +156,7 @@ def qdrop_mix(x: torch.Tensor, xq: torch.Tensor, p: float, masks: MaskPool | Non
         return xq
     if p >= 1.0:
         return x
-    keep = masks.mask(x.shape) if masks is not None else torch.rand(x.shape) < p
-    return torch.where(keep, x, xq)
+    return mix(x, xq, keep_mask(x.shape, p, masks))
 
 
 class RangeObserver:
@@ -218,6 +232,10 @@ class UniformQuantizer(nn.Module):
     def drop(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
         """QDrop: keep each element of ``x`` float with probability ``drop_prob`` (else quantized)."""
         return qdrop_mix(x, xq, self.drop_prob, self.drop_masks)
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This step's QDrop keep-mask for ``x`` (None when every element is quantized)."""
+        return keep_mask(x.shape, self.drop_prob, self.drop_masks)
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:

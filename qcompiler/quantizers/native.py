@@ -1,0 +1,93 @@
+"""Native (C) kernels for the reconstruction hot path, built on first use with the system C compiler.
+
+Reconstruction on a CPU is bound by memory traffic, not arithmetic: LSQ fake quantization composed
+from torch's elementwise ops (divide, round, clamp, multiply, mix, and their backwards) makes about a
+dozen passes over every activation per step. ``csrc/lsq.c`` does the forward and the backward in one
+pass each. The library is compiled once per source version into ``$QCOMPILER_CACHE`` (default
+``~/.cache/qcompiler``); without a working ``cc`` every caller falls back to the torch composition,
+which computes the same values (a test checks both paths agree), only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("qcompiler.native")
+
+SOURCE = Path(__file__).with_name("csrc") / "lsq.c"
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QCOMPILER_CACHE", Path.home() / ".cache" / "qcompiler"))
+
+
+def _build() -> ctypes.CDLL:
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"qc_lsq_{tag}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            out = Path(tmp) / lib.name
+            subprocess.run([os.environ.get("CC", "cc"), *FLAGS, "-o", str(out), str(SOURCE), "-lm"],
+                           check=True, capture_output=True, timeout=120)
+            os.replace(out, lib)  # atomic: concurrent builders cannot leave a half-written library
+    dll = ctypes.CDLL(str(lib))
+    f32p, u8p, i64, f32, cint = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int)
+    dll.qc_lsq_forward.argtypes = [f32p, f32p, f32p, u8p, i64, f32, f32, f32, cint]
+    dll.qc_lsq_forward.restype = None
+    dll.qc_lsq_backward.argtypes = [f32p, f32p, u8p, f32p, i64, f32, f32, f32, cint]
+    dll.qc_lsq_backward.restype = ctypes.c_double
+    return dll
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when it cannot be built here (or QCOMPILER_NATIVE=0)."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("QCOMPILER_NATIVE", "1") != "0":
+            try:
+                _lib = _build()
+            except (OSError, subprocess.SubprocessError) as exc:
+                detail = getattr(exc, "stderr", b"") or b""
+                log.info("native kernels unavailable (%s %s); using the torch composition",
+                         type(exc).__name__, detail.decode(errors="replace").strip()[:200])
+    return _lib
+
+
+def usable(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+
+
+def lsq_forward(x: torch.Tensor, keep: torch.Tensor | None, s: float, lo: float, hi: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, code)``: the fake-quantized (or kept) values and a per-element byte for the backward."""
+    lib = library()
+    out = torch.empty_like(x)
+    code = torch.empty(x.shape, dtype=torch.uint8)
+    lib.qc_lsq_forward(x.data_ptr(), keep.data_ptr() if keep is not None else None, out.data_ptr(),
+                       code.data_ptr(), x.numel(), s, lo, hi, torch.get_num_threads())
+    return out, code
+
+
+def lsq_backward(g: torch.Tensor, x: torch.Tensor, code: torch.Tensor, s: float, lo: float, hi: float
+                 ) -> tuple[torch.Tensor, float]:
+    """``(grad_x, d loss / d s before LSQ's factor)``."""
+    lib = library()
+    g = g.contiguous()
+    gx = torch.empty_like(g)
+    gs = lib.qc_lsq_backward(g.data_ptr(), x.data_ptr(), code.data_ptr(), gx.data_ptr(), x.numel(), s, lo, hi,
+                             torch.get_num_threads())
+    return gx, gs
