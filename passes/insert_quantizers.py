@@ -117,11 +117,14 @@ class InsertQuantizers(Pass):
                                         "weights must be parameters to be quantized")
             w = registry.get_tensor(gm, str(w_node.target))
             depthwise = registry.kind(node, gm) == "conv" and w.dim() > 2 and w.shape[1] == 1 and w.shape[0] > 1
-            w_bits = min(layer_bits[node][0],
-                         place.max_weight_bits_depthwise if depthwise else place.max_weight_bits)
+            max_bits = place.max_weight_bits_depthwise if depthwise else place.max_weight_bits
+            w_bits = min(layer_bits[node][0], max_bits)
             if w_bits < layer_bits[node][0]:
                 narrowed.append(node.meta["qc.layer"])
-            spec = QSpec(w_bits, place.weight_signed, cfg.w_symmetric, 0 if cfg.per_channel else None)
+            # A symmetric grid below the container's width goes midrise (no zero level) when the odd
+            # integers it stores still fit the target's weight range.
+            midrise = cfg.w_midrise and cfg.w_symmetric and place.weight_signed and w_bits + 1 <= max_bits
+            spec = QSpec(w_bits, place.weight_signed, cfg.w_symmetric, 0 if cfg.per_channel else None, midrise)
             q = UniformQuantizer(spec, w.shape[0] if cfg.per_channel else None)
             qname = _unique(gm, "qc_w_" + node.meta["qc.layer"].replace(".", "_"))
             gm.add_submodule(qname, q)

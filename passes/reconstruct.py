@@ -177,7 +177,6 @@ class Reconstruct(Pass):
 
     def run(self, program: Program) -> PassResult:
         gm, cfg = program.gm, program.config
-        units: list[Unit] = program.artifacts["units"]
         p = cfg.qdrop_prob()
         # Swap in the trainable quantizers.
         for n in list(program.quantizer_nodes("weight")):
@@ -274,7 +273,7 @@ class Reconstruct(Pass):
     @staticmethod
     def _signature(cfg) -> dict:
         keys = ("method", "w_bits", "a_bits", "iters", "batch_size", "seed", "w_lr", "a_lr", "reg_weight", "qdrop",
-                "granularity", "w_init", "a_init", "per_channel", "w_symmetric", "overrides")
+                "granularity", "w_init", "a_init", "per_channel", "w_symmetric", "w_midrise", "overrides")
         return {k: getattr(cfg, k) for k in keys}
 
     @staticmethod

@@ -194,7 +194,8 @@ def test_lsq_fused_gradients_match_autograd_composition_under_qdrop(axis: int | 
     keep = lsq.keep_mask(x)
     assert 0 < int(keep.sum()) < keep.numel()
     x.grad, scale = None, lsq.scale.detach().clone().requires_grad_(True)
-    ref = torch.where(keep.bool(), x, grad_scale_reference(x, scale, lsq.zero_point, q.qmin, q.qmax, lsq.grad_factor(x), axis))
+    fq = grad_scale_reference(x, scale, lsq.zero_point, q.qmin, q.qmax, lsq.grad_factor(x), axis)
+    ref = torch.where(keep.bool(), x, fq)
     (ref * upstream).sum().backward()
     torch.testing.assert_close(got_x, x.grad)
     torch.testing.assert_close(got_s, scale.grad)
@@ -228,3 +229,45 @@ def test_native_lsq_kernel_equals_torch_composition(with_keep: bool) -> None:
     assert torch.equal(o1, o2)
     assert torch.equal(gx1, gx2)
     torch.testing.assert_close(gs1, gs2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_midrise_grid_is_symmetric_zero_free_and_deploys_exactly(bits: int) -> None:
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(6, 4, 3, 3, generator=gen) * 0.1
+    q = UniformQuantizer(QSpec(bits, signed=True, symmetric=True, axis=0, midrise=True), 6)
+    q.init_from_tensor(w, "mse")
+    q.mode = "quant"
+    s = q.scale[:, None, None, None]
+    levels = (q(w) / s - 0.5).round()
+    torch.testing.assert_close(q(w), (levels + 0.5) * s)
+    assert float(levels.min()) >= q.qmin and float(levels.max()) <= q.qmax
+    assert not bool((q(w) == 0).any())  # no zero level
+    ints = q.int_repr(w)
+    assert bool((ints.remainder(2) == 1).all()) and float(ints.abs().max()) <= 2 ** bits - 1
+    assert torch.equal(ints * q.stored_scale()[:, None, None, None], q(w))  # what DequantizeLinear computes
+    # For a symmetric (Gaussian) weight the zero-free grid has the smaller error at 2 bits.
+    if bits == 2:
+        z = UniformQuantizer(QSpec(bits, signed=True, symmetric=True, axis=0), 6)
+        z.init_from_tensor(w, "mse")
+        z.mode = "quant"
+        assert float((q(w) - w).pow(2).sum()) < float((z(w) - w).pow(2).sum())
+
+
+def test_adaround_on_midrise_grid_starts_at_nearest_level_and_deploys_exactly() -> None:
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(8, 4, 3, 3, generator=gen) * 0.2
+    q = UniformQuantizer(QSpec(3, signed=True, symmetric=True, axis=0, midrise=True), 8)
+    q.init_from_tensor(w, "minmax")
+    q.mode = "quant"
+    ada = AdaRoundQuantizer.from_quantizer(q, w)
+    assert torch.equal(ada(w), q(w))
+    assert torch.equal(ada.int_repr(w), q.int_repr(w))
+    ada.soft = True
+    soft = ada(w)
+    assert float((soft - w).abs().max()) <= float(q.scale.max()) * 0.51  # soft start near the weight
+    ada.alpha.data = torch.randn(ada.alpha.shape, generator=gen)  # some other learned rounding
+    ada.harden()
+    ints = ada.int_repr(w)
+    assert bool((ints.remainder(2) == 1).all())
+    assert torch.equal(ints * ada.stored_scale()[:, None, None, None], ada(w))

@@ -15,6 +15,8 @@ with its sign taken from round-half-to-even: at initialisation the hardened weig
 ``sum(1 - |2 h(V) - 1| ** beta)`` pushes every h to 0 or 1 as ``beta`` is annealed
 (``BetaSchedule``). ``int_repr`` always stores the hard decision, and the hard forward is computed
 from those same integers, so the fake-quant model and the lowered ONNX weights agree bit for bit.
+On a midrise grid (no zero level, see ``uniform``) the levels sit at ``(q + 1/2) * s``, so
+``w / s - 1/2`` takes the place of ``w / s`` throughout.
 """
 
 from __future__ import annotations
@@ -80,9 +82,11 @@ class AdaRoundQuantizer(UniformQuantizer):
         """
         w = w.detach().to(self.scale.dtype)
         ws = w / _bcast(self.scale.detach(), w, self.spec.axis)
-        floor = torch.floor(ws)
-        v = inverse_rectified_sigmoid(ws - floor)
-        up = torch.round(ws) > floor
+        pos = ws - 0.5 if self.spec.midrise else ws  # where w sits between two grid levels
+        floor = torch.floor(pos)
+        v = inverse_rectified_sigmoid(pos - floor)
+        nearest = torch.floor(ws) if self.spec.midrise else torch.round(ws)  # UniformQuantizer's choice
+        up = nearest > floor
         tiny = torch.finfo(v.dtype).tiny
         v = torch.where(up, v.clamp(min=0.0), v.clamp(max=-tiny))
         self.alpha.data = v.reshape(w.shape).clone()
@@ -95,7 +99,11 @@ class AdaRoundQuantizer(UniformQuantizer):
             raise ValueError(f"AdaRound alpha has shape {tuple(self.alpha.shape)}, weight {tuple(w.shape)}")
         s = _bcast(self.scale, w, self.spec.axis)
         z = _bcast(self.zero_point, w, self.spec.axis)
-        return torch.floor(w / s), s, z
+        return torch.floor(w / s - 0.5) if self.spec.midrise else torch.floor(w / s), s, z
+
+    def _value(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The weight value of grid integer ``q``: ``(q - z) * s``, or ``(q + 1/2) * s`` when midrise."""
+        return (q + 0.5) * s if self.spec.midrise else (q - z) * s
 
     def _hard_int(self, w: torch.Tensor) -> torch.Tensor:
         """``clamp(floor(w / s) + [alpha >= 0] + z, qmin, qmax)``: the learned integers."""
@@ -113,10 +121,10 @@ class AdaRoundQuantizer(UniformQuantizer):
                 self._base = (floor + z).detach()
             s = _bcast(self.scale, w, self.spec.axis)
             z = _bcast(self.zero_point, w, self.spec.axis)
-            return (torch.clamp(self._base + rectified_sigmoid(self.alpha), self.qmin, self.qmax) - z) * s
+            return self._value(torch.clamp(self._base + rectified_sigmoid(self.alpha), self.qmin, self.qmax), s, z)
         s = _bcast(self.scale, w, self.spec.axis)
         z = _bcast(self.zero_point, w, self.spec.axis)
-        return (self._hard_int(w) - z) * s
+        return self._value(self._hard_int(w), s, z)
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(alpha) - 1| ** beta)``: 0 when every h is 0 or 1, ``numel`` when all are 0.5."""
@@ -133,9 +141,11 @@ class AdaRoundQuantizer(UniformQuantizer):
         """The integers stored for ``x``: always the hard decision, whatever ``soft`` is.
 
         The hard forward is ``(int_repr(x) - z) * s``, computed from the same tensor, so it equals the
-        deployed DequantizeLinear of these integers bit for bit.
+        deployed DequantizeLinear of these integers bit for bit (midrise: ``2q + 1`` at ``s / 2``,
+        and ``(2q + 1) * (s / 2)`` is ``(q + 1/2) * s`` exactly).
         """
-        return self._hard_int(x.detach().to(self.scale.dtype))
+        q = self._hard_int(x.detach().to(self.scale.dtype))
+        return 2.0 * q + 1.0 if self.spec.midrise else q
 
 
 class BetaSchedule:

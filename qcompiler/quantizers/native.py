@@ -23,7 +23,8 @@ import torch
 log = logging.getLogger("qcompiler.native")
 
 SOURCE = Path(__file__).with_name("csrc") / "lsq.c"
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared",
+         "-pthread"]
 _lib: ctypes.CDLL | None = None
 _tried = False
 

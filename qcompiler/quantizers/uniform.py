@@ -4,6 +4,13 @@ Rule: ``q = clamp(round(x / s) + z, qmin, qmax)`` and ``x_hat = (q - z) * s`` wi
 even (as ONNX QuantizeLinear). Values of fewer than 8 bits travel in 8-bit containers: a 4-bit
 unsigned activation uses ``[qmin, qmax] = [0, 15]`` inside uint8, a 4-bit signed weight
 ``[-8, 7]`` inside int8. Scales are per tensor, or per channel along ``axis``.
+
+A *midrise* weight grid (``QSpec.midrise``) has no zero level: ``x_hat = (q + 1/2) * s`` with
+``q = clamp(floor(x / s), qmin, qmax)``, the ``2**bits`` levels ``+-s/2 ... +-(2**(bits-1) - 1/2) s``
+placed symmetrically. For a symmetric weight distribution that is the better uniform grid (a 2-bit
+zero-point grid has levels ``{-2, -1, 0, 1} s``, the midrise one ``{-1.5, -0.5, 0.5, 1.5} s``). It
+is deployed exactly as the odd integers ``2q + 1`` with step ``s / 2`` and zero point 0, which
+costs one more bit of storage.
 """
 
 from __future__ import annotations
@@ -23,6 +30,12 @@ class QSpec:
     signed: bool
     symmetric: bool
     axis: int | None = None
+    midrise: bool = False
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits the stored integers need: one more for a midrise grid (odd integers ``2q + 1``)."""
+        return self.bits + int(self.midrise)
 
     @property
     def qmin(self) -> int:
@@ -34,7 +47,7 @@ class QSpec:
 
     def describe(self) -> str:
         sign = "s" if self.signed else "u"
-        sym = "sym" if self.symmetric else "asym"
+        sym = "midrise" if self.midrise else "sym" if self.symmetric else "asym"
         gran = f"per-channel(axis={self.axis})" if self.axis is not None else "per-tensor"
         return f"{sign}{self.bits} {sym} {gran}"
 
@@ -59,6 +72,13 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     z = _bcast(zero_point, x, axis)
     q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
     return (q - z) * s
+
+
+def midrise_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int | None = None
+                  ) -> torch.Tensor:
+    """``(clamp(floor(x / s), qmin, qmax) + 1/2) * s``: the nearest level of the zero-free grid."""
+    s = _bcast(scale, x, axis)
+    return (torch.clamp(torch.floor(x / s), qmin, qmax) + 0.5) * s
 
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
@@ -90,7 +110,10 @@ def params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QSpec) -> tuple[
 def _lp_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, p: float = 2.0) -> torch.Tensor:
     """Mean |x - fq(x)|^p per row of ``x`` (rows = channels) for the grid given by [lo, hi]."""
     scale, zp = params_from_range(lo, hi, spec)
-    xq = (quantize_int(x, scale[:, None], zp[:, None], spec.qmin, spec.qmax) - zp[:, None]) * scale[:, None]
+    if spec.midrise:
+        xq = midrise_quant(x, scale[:, None], spec.qmin, spec.qmax)
+    else:
+        xq = (quantize_int(x, scale[:, None], zp[:, None], spec.qmin, spec.qmax) - zp[:, None]) * scale[:, None]
     return (x - xq).abs().pow(p).mean(dim=1)
 
 
@@ -222,6 +245,8 @@ class UniformQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
+            if self.spec.midrise:
+                return self.drop(x, midrise_quant(x, self.scale, self.qmin, self.qmax, self.spec.axis))
             return self.drop(x, fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis))
         if self.mode == "observe":
             if self.observer is None:
@@ -285,8 +310,18 @@ class UniformQuantizer(nn.Module):
 
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
-        """The integers stored for ``x`` (float tensor of whole numbers within [qmin, qmax])."""
+        """The integers stored for ``x`` (float tensor of whole numbers), read with ``stored_scale``.
+
+        Within [qmin, qmax]; for a midrise grid the odd integers ``2q + 1``.
+        """
+        if self.spec.midrise:
+            s = _bcast(self.scale, x, self.spec.axis)
+            return 2.0 * torch.clamp(torch.floor(x / s), self.qmin, self.qmax) + 1.0
         return quantize_int(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
+
+    def stored_scale(self) -> torch.Tensor:
+        """The step of the stored integers: ``scale``, or ``scale / 2`` for a midrise grid."""
+        return self.scale / 2 if self.spec.midrise else self.scale
 
 
 class BiasQuantizer(nn.Module):
@@ -304,7 +339,7 @@ class BiasQuantizer(nn.Module):
 
     def step(self) -> torch.Tensor:
         act, weight = self.refs
-        return act.scale.reshape(()) * weight.scale
+        return act.scale.reshape(()) * weight.stored_scale()
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         act, weight = self.refs
