@@ -1,7 +1,7 @@
 """Reconstruction methods side by side: ORT top-1 of rtn, adaround, brecq and qdrop at equal iterations.
 
-    python bench/recon.py [--model FILE.py] [--bits w4a4 ...] [--methods rtn qdrop ...] [--iters 2000]
-                          [--out FILE.md] [KEY=VALUE ...]
+    python bench/recon.py [KEY=VALUE ...] [--model FILE.py] [--iters 2000] [--out FILE.md]
+                          [--bits w4a4 ...] [--methods rtn qdrop ...]
 
 Defaults: ResNet-20 at W4A4, W3A3, W2A4 and the weight-only settings W4, W2 (activations at 8 bits,
 so that the model still runs integer kernels), every method at ``--iters`` iterations per unit,

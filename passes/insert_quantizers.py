@@ -121,9 +121,10 @@ class InsertQuantizers(Pass):
             w_bits = min(layer_bits[node][0], max_bits)
             if w_bits < layer_bits[node][0]:
                 narrowed.append(node.meta["qc.layer"])
-            # A symmetric grid below the container's width goes midrise (no zero level) when the odd
-            # integers it stores still fit the target's weight range.
-            midrise = cfg.w_midrise and cfg.w_symmetric and place.weight_signed and w_bits + 1 <= max_bits
+            # Narrow symmetric grids go midrise (no zero level) when the odd integers they store still fit
+            # the target's weight range: ResNet-20 W2A4 qdrop 69.3 -> 74.7, W4A4 79.9 -> 79.5 (one run each).
+            midrise = (w_bits <= cfg.w_midrise and cfg.w_symmetric and place.weight_signed
+                       and w_bits + 1 <= max_bits)
             spec = QSpec(w_bits, place.weight_signed, cfg.w_symmetric, 0 if cfg.per_channel else None, midrise)
             q = UniformQuantizer(spec, w.shape[0] if cfg.per_channel else None)
             qname = _unique(gm, "qc_w_" + node.meta["qc.layer"].replace(".", "_"))

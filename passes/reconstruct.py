@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from qcompiler.errors import PreconditionError
 from qcompiler.ir import registry
@@ -340,41 +341,42 @@ class Reconstruct(Pass):
         probe = max(1, min(25, cfg.iters // 10))  # the estimate times iterations probe..2*probe
         bar = tqdm(range(cfg.iters), desc=unit.name, unit="it", leave=False,
                    disable=not log.isEnabledFor(logging.INFO) or cfg.iters < 50)
-        try:
-            for it in bar:
-                idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-                xs = [qdrop_mix(f[idx], q[idx], p, masks) if f.is_floating_point() else q[idx]
-                      for f, q in zip(fp_in, q_in, strict=True)]
-                out = sub(*xs)[0]
-                loss = _rec_loss(out, fp_out[idx])
-                beta, reg_on = beta_of(it)
-                if reg_on and wqs:
-                    loss = loss + cfg.reg_weight * sum(q.regularizer(beta) for q in wqs)
-                for opt in (opt_w, opt_a):
-                    if opt is not None:
-                        opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in (opt_w, opt_a):
-                    if opt is not None:
-                        opt.step()
-                if sched_a is not None:
-                    sched_a.step()
-                for q in aqs:  # keep step sizes positive
-                    q.scale.data.clamp_(min=1e-8)
-                if it % 100 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4g}")
-                if estimate_for and it == probe:
-                    t_probe = time.perf_counter()
-                if estimate_for and it == 2 * probe:
-                    per_it = (time.perf_counter() - t_probe) / probe
-                    log.info("reconstructing %d units x %d iterations: roughly %s (%.0f ms per iteration here)",
-                             estimate_for, cfg.iters, _duration(per_it * cfg.iters * estimate_for), 1e3 * per_it)
-        finally:
-            for q in acts:
-                q.drop_prob = 0.0
-                q.drop_masks = None
-            for q, m in saved:
-                q.mode = m
+        with logging_redirect_tqdm():  # log lines print above the progress bar
+            try:
+                for it in bar:
+                    idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+                    xs = [qdrop_mix(f[idx], q[idx], p, masks) if f.is_floating_point() else q[idx]
+                          for f, q in zip(fp_in, q_in, strict=True)]
+                    out = sub(*xs)[0]
+                    loss = _rec_loss(out, fp_out[idx])
+                    beta, reg_on = beta_of(it)
+                    if reg_on and wqs:
+                        loss = loss + cfg.reg_weight * sum(q.regularizer(beta) for q in wqs)
+                    for opt in (opt_w, opt_a):
+                        if opt is not None:
+                            opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for opt in (opt_w, opt_a):
+                        if opt is not None:
+                            opt.step()
+                    if sched_a is not None:
+                        sched_a.step()
+                    for q in aqs:  # keep step sizes positive
+                        q.scale.data.clamp_(min=1e-8)
+                    if it % 100 == 0:
+                        bar.set_postfix(loss=f"{loss.item():.4g}")
+                    if estimate_for and it == probe:
+                        t_probe = time.perf_counter()
+                    if estimate_for and it == 2 * probe:
+                        per_it = (time.perf_counter() - t_probe) / probe
+                        log.info("reconstructing %d units x %d iterations: roughly %s (%.0f ms per iteration here)",
+                                 estimate_for, cfg.iters, _duration(per_it * cfg.iters * estimate_for), 1e3 * per_it)
+            finally:
+                for q in acts:
+                    q.drop_prob = 0.0
+                    q.drop_masks = None
+                for q, m in saved:
+                    q.mode = m
         for q in wqs:
             q.alpha.requires_grad_(False)
             q.harden()

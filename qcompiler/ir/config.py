@@ -45,7 +45,7 @@ class QConfig:
     target: str = "onnx-int8"
     per_channel: bool = True
     w_symmetric: bool = True
-    w_midrise: bool = True  # symmetric sub-8-bit weights on the zero-free grid (see quantizers.uniform)
+    w_midrise: int = 2  # symmetric weights of at most this many bits use the zero-free grid (0: never)
     reduce_range: bool = True
     first_last_8bit: bool = True
     w_init: str = "mse"

@@ -3,8 +3,8 @@
 Reconstruction on a CPU is bound by memory traffic, not arithmetic: LSQ fake quantization composed
 from torch's elementwise ops (divide, round, clamp, multiply, mix, and their backwards) makes about a
 dozen passes over every activation per step. ``csrc/lsq.c`` does the forward and the backward in one
-pass each. The library is compiled once per source version into ``$QCOMPILER_CACHE`` (default
-``~/.cache/qcompiler``); without a working ``cc`` every caller falls back to the torch composition,
+pass each. The library is compiled once per source version and CPU into ``$QCOMPILER_CACHE``
+(default ``~/.cache/qcompiler``); without a working ``cc`` every caller falls back to the torch composition,
 which computes the same values (a test checks both paths agree), only slower.
 """
 
@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -33,9 +34,18 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("QCOMPILER_CACHE", Path.home() / ".cache" / "qcompiler"))
 
 
+def _cpu_tag() -> str:
+    """What ``-march=native`` depends on: the architecture and the CPU's feature flags."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
 def _build() -> ctypes.CDLL:
     src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_tag().encode()).hexdigest()[:16]
     lib = _cache_dir() / f"qc_lsq_{tag}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
