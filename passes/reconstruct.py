@@ -4,13 +4,15 @@ Rule, per unit in graph order (units come from ``partition``):
 
 1. Inputs: the float model's values at the unit's inputs (FP stream) and the values the
    already-reconstructed prefix produces (quantized stream), both cached for the whole
-   calibration set; the FP outputs come from running the unit with its quantizers off.
+   calibration set (``ActivationCache``: in memory up to ``cache_mb``, then memory-mapped files);
+   the FP outputs come from running the unit with its quantizers off.
 2. Train for ``iters`` steps on random mini-batches: QDrop mixes FP and quantized inputs
    element-wise (``where(u < p, fp, q)``) and, inside the unit, keeps each activation float with
    probability ``p``; loss = sum over channels of squared error vs the FP output, averaged, plus
    ``reg_weight`` * the AdaRound regulariser (beta annealed 20 -> 2 after a warm-up). AdaRound
    alphas use Adam at ``w_lr``; activation step sizes (when activations are quantized in the loop)
-   use Adam at ``a_lr`` with cosine decay.
+   use Adam at ``a_lr`` with cosine decay. With ``p = 1`` the pipeline calibrates the activations
+   again afterwards (``recalibrate``).
 3. Harden the rounding, then advance both streams by one forward of the unit.
 
 ``p = 1`` is BRECQ-style (float activations in the loop), ``p = 0`` always quantized. Each unit's
@@ -274,7 +276,7 @@ class Reconstruct(Pass):
     @staticmethod
     def _signature(cfg) -> dict:
         keys = ("method", "w_bits", "a_bits", "iters", "batch_size", "seed", "w_lr", "a_lr", "reg_weight", "qdrop",
-                "granularity", "w_init", "a_init", "per_channel", "w_symmetric", "w_midrise", "overrides")
+                "granularity", "w_init", "a_init", "per_channel", "w_symmetric", "w_midrise", "w_step_lr", "overrides")
         return {k: getattr(cfg, k) for k in keys}
 
     @staticmethod
@@ -330,6 +332,14 @@ class Reconstruct(Pass):
                 q.scale.requires_grad_(True)
             opt_a = torch.optim.Adam([q.scale for q in aqs], lr=cfg.a_lr, fused=True)
             sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0)
+        steps = [q for q in wqs if cfg.w_step_lr > 0]
+        opt_s, sched_s = None, None
+        if steps:  # learned weight steps: each quantizer's lr is relative to its mean step
+            for q in steps:
+                q.scale.requires_grad_(True)
+            opt_s = torch.optim.Adam([{"params": [q.scale], "lr": cfg.w_step_lr * float(q.scale.detach().abs().mean())}
+                                      for q in steps], fused=True)
+            sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=cfg.iters, eta_min=0.0)
         acts = _quantizers(gm, sub, "act")
         saved = self._set_modes(gm, sub, "quant")
         masks = MaskPool(p, gen) if 0.0 < p < 1.0 else None
@@ -352,16 +362,17 @@ class Reconstruct(Pass):
                     beta, reg_on = beta_of(it)
                     if reg_on and wqs:
                         loss = loss + cfg.reg_weight * sum(q.regularizer(beta) for q in wqs)
-                    for opt in (opt_w, opt_a):
+                    for opt in (opt_w, opt_a, opt_s):
                         if opt is not None:
                             opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    for opt in (opt_w, opt_a):
+                    for opt in (opt_w, opt_a, opt_s):
                         if opt is not None:
                             opt.step()
-                    if sched_a is not None:
-                        sched_a.step()
-                    for q in aqs:  # keep step sizes positive
+                    for sched in (sched_a, sched_s):
+                        if sched is not None:
+                            sched.step()
+                    for q in (*aqs, *steps):  # keep step sizes positive
                         q.scale.data.clamp_(min=1e-8)
                     if it % 100 == 0:
                         bar.set_postfix(loss=f"{loss.item():.4g}")
@@ -380,7 +391,7 @@ class Reconstruct(Pass):
         for q in wqs:
             q.alpha.requires_grad_(False)
             q.harden()
-        for q in aqs:
+        for q in (*aqs, *steps):
             q.scale.requires_grad_(False)
 
     @staticmethod

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", help="reconstruction units: layer or block (default: the method's)")
     p.add_argument("--w-lr", type=float, default=1e-3, help="AdaRound learning rate (default 1e-3)")
     p.add_argument("--a-lr", type=float, default=4e-5, help="LSQ activation step learning rate (default 4e-5)")
+    p.add_argument("--w-step-lr", type=float, default=0.0,
+                   help="also learn the weight steps, Adam lr relative to each step (e.g. 1e-3; default 0: fixed)")
     p.add_argument("--cache-mb", type=int, default=4096,
                    help="memory for reconstruction caches; beyond it they spill to files in --report DIR "
                         "(default 4096)")
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             percentile=args.percentile,
             first_last_8bit=not args.no_first_last_8bit, reduce_range=not args.full_range_weights, seed=args.seed,
             iters=args.iters, batch_size=args.batch_size, qdrop=args.qdrop, granularity=args.granularity,
-            w_lr=args.w_lr, a_lr=args.a_lr, cache_mb=args.cache_mb)
+            w_lr=args.w_lr, a_lr=args.a_lr, w_step_lr=args.w_step_lr,
+            cache_mb=args.cache_mb)
     except QCompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

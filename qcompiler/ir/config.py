@@ -60,6 +60,7 @@ class QConfig:
     w_lr: float = 1e-3
     a_lr: float = 4e-5
     reg_weight: float = 0.01
+    w_step_lr: float = 0.0  # > 0: also learn each weight channel's step, Adam lr relative to the step
     qdrop: float | None = None
     granularity: str | None = None
     work_dir: str | None = None

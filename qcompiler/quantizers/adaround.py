@@ -16,7 +16,9 @@ with its sign taken from round-half-to-even: at initialisation the hardened weig
 (``BetaSchedule``). ``int_repr`` always stores the hard decision, and the hard forward is computed
 from those same integers, so the fake-quant model and the lowered ONNX weights agree bit for bit.
 On a midrise grid (no zero level, see ``uniform``) the levels sit at ``(q + 1/2) * s``, so
-``w / s - 1/2`` takes the place of ``w / s`` throughout.
+``w / s - 1/2`` takes the place of ``w / s`` throughout. The integers are placed with the
+calibrated step (``grid_scale``, fixed); the step they are read with (``scale``) starts equal and
+the trainer may learn it (``w_step_lr``), which rescales each channel's quantized weights.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class AdaRoundQuantizer(UniformQuantizer):
     def __init__(self, spec: QSpec, channels: int | None = None, weight_shape: tuple[int, ...] = ()) -> None:
         super().__init__(spec, channels)
         self.alpha = nn.Parameter(torch.zeros(weight_shape), requires_grad=False)
+        # The step that places the integer grid (floor(w / grid_scale)); ``scale``, the step the
+        # integers are read with, starts equal and may be trained (``w_step_lr``).
+        self.register_buffer("grid_scale", torch.ones_like(self.scale.data))
         self.soft = False
         self._base: torch.Tensor | None = None  # floor(w / s) + z, cached while soft
 
@@ -67,6 +72,7 @@ class AdaRoundQuantizer(UniformQuantizer):
         new = cls(q.spec, channels, tuple(w.shape))
         with torch.no_grad():
             new.scale.data = q.scale.detach().clone()
+            new.grid_scale.data = q.scale.detach().clone()
             new.zero_point.data = q.zero_point.detach().clone()
         new.mode = q.mode
         new.to(q.scale.device)
@@ -81,7 +87,7 @@ class AdaRoundQuantizer(UniformQuantizer):
         ``fake_quant``); elsewhere ``alpha`` is made strictly negative.
         """
         w = w.detach().to(self.scale.dtype)
-        ws = w / _bcast(self.scale.detach(), w, self.spec.axis)
+        ws = w / _bcast(self.grid_scale, w, self.spec.axis)
         pos = ws - 0.5 if self.spec.midrise else ws  # where w sits between two grid levels
         floor = torch.floor(pos)
         v = inverse_rectified_sigmoid(pos - floor)
@@ -99,7 +105,8 @@ class AdaRoundQuantizer(UniformQuantizer):
             raise ValueError(f"AdaRound alpha has shape {tuple(self.alpha.shape)}, weight {tuple(w.shape)}")
         s = _bcast(self.scale, w, self.spec.axis)
         z = _bcast(self.zero_point, w, self.spec.axis)
-        return torch.floor(w / s - 0.5) if self.spec.midrise else torch.floor(w / s), s, z
+        g = _bcast(self.grid_scale, w, self.spec.axis)
+        return torch.floor(w / g - 0.5) if self.spec.midrise else torch.floor(w / g), s, z
 
     def _value(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The weight value of grid integer ``q``: ``(q - z) * s``, or ``(q + 1/2) * s`` when midrise."""

@@ -30,12 +30,7 @@ class QSpec:
     signed: bool
     symmetric: bool
     axis: int | None = None
-    midrise: bool = False
-
-    @property
-    def storage_bits(self) -> int:
-        """Bits the stored integers need: one more for a midrise grid (odd integers ``2q + 1``)."""
-        return self.bits + int(self.midrise)
+    midrise: bool = False  # zero-free weight grid; its stored integers need bits + 1
 
     @property
     def qmin(self) -> int:
