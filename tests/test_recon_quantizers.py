@@ -10,12 +10,12 @@ from qcompiler.quantizers.lsq import LSQQuantizer
 from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, fake_quant
 
 
-def _weight_quantizer(symmetric: bool, method: str = "minmax", seed: int = 0
+def _weight_quantizer(symmetric: bool, method: str = "minmax", seed: int = 0, bits: int = 4, midrise: bool = False
                       ) -> tuple[UniformQuantizer, torch.Tensor]:
-    """A calibrated 4-bit per-channel (axis 0) weight quantizer and its conv-shaped weight."""
+    """A calibrated per-channel (axis 0) weight quantizer (4-bit by default) and its conv-shaped weight."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(8, 4, 3, 3, generator=gen) * 0.2 + (0.0 if symmetric else 0.05)
-    q = UniformQuantizer(QSpec(4, signed=True, symmetric=symmetric, axis=0), 8)
+    q = UniformQuantizer(QSpec(bits, signed=True, symmetric=symmetric, axis=0, midrise=midrise), 8)
     q.init_from_tensor(w, method)
     q.mode = "quant"
     return q, w
@@ -257,18 +257,14 @@ def test_midrise_grid_is_symmetric_zero_free_and_deploys_exactly(bits: int) -> N
 
 
 def test_adaround_on_midrise_grid_starts_at_nearest_level_and_deploys_exactly() -> None:
-    gen = torch.Generator().manual_seed(13)
-    w = torch.randn(8, 4, 3, 3, generator=gen) * 0.2
-    q = UniformQuantizer(QSpec(3, signed=True, symmetric=True, axis=0, midrise=True), 8)
-    q.init_from_tensor(w, "minmax")
-    q.mode = "quant"
+    q, w = _weight_quantizer(symmetric=True, seed=13, bits=3, midrise=True)
     ada = AdaRoundQuantizer.from_quantizer(q, w)
     assert torch.equal(ada(w), q(w))
     assert torch.equal(ada.int_repr(w), q.int_repr(w))
     ada.soft = True
     soft = ada(w)
     assert float((soft - w).abs().max()) <= float(q.scale.max()) * 0.51  # soft start near the weight
-    ada.alpha.data = torch.randn(ada.alpha.shape, generator=gen)  # some other learned rounding
+    ada.alpha.data = torch.randn(ada.alpha.shape, generator=torch.Generator().manual_seed(15))  # another rounding
     ada.harden()
     ints = ada.int_repr(w)
     assert bool((ints.remainder(2) == 1).all())
@@ -278,11 +274,7 @@ def test_adaround_on_midrise_grid_starts_at_nearest_level_and_deploys_exactly() 
 @pytest.mark.parametrize("midrise", [False, True])
 def test_adaround_learned_step_keeps_integers_and_deploys_exactly(midrise: bool) -> None:
     """Training ``scale`` rescales the weights; the integers stay those placed by ``grid_scale``."""
-    gen = torch.Generator().manual_seed(14)
-    w = torch.randn(8, 4, 3, 3, generator=gen) * 0.2
-    q = UniformQuantizer(QSpec(2, signed=True, symmetric=True, axis=0, midrise=midrise), 8)
-    q.init_from_tensor(w, "mse")
-    q.mode = "quant"
+    q, w = _weight_quantizer(symmetric=True, method="mse", seed=14, bits=2, midrise=midrise)
     ada = AdaRoundQuantizer.from_quantizer(q, w)
     ints = ada.int_repr(w)
     ada.scale.data = ada.scale.data * torch.linspace(0.7, 1.3, 8)  # as a trained step would move

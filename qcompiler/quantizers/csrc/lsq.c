@@ -10,7 +10,7 @@
  * what reconstruction on a CPU is bound by. Work is split over `threads` POSIX threads.
  * Built with -fno-trapping-math (as torch itself is) and -fopenmp-simd: without the first GCC keeps
  * the clamp's compares as branches, without the second it does not vectorise the backward's sum;
- * either way the loops ran 25-30x slower.
+ * either way the loops run many times slower.
  */
 #include <math.h>
 #include <pthread.h>
