@@ -107,7 +107,7 @@ class InsertQuantizers(Pass):
                 want(t, 8 if cfg.first_last_8bit else cfg.a_bits)
 
         # Weight quantizers.
-        n_w, narrowed = 0, []
+        n_w, narrowed, kept_symmetric = 0, [], []
         for node in compute:
             if registry.kind(node, gm) not in registry.WEIGHTED_KINDS:
                 continue
@@ -121,11 +121,22 @@ class InsertQuantizers(Pass):
             w_bits = min(layer_bits[node][0], max_bits)
             if w_bits < layer_bits[node][0]:
                 narrowed.append(node.meta["qc.layer"])
-            # Narrow symmetric grids go midrise (no zero level) when the odd integers they store still fit
-            # the target's weight range: ResNet-20 W2A4 qdrop 69.3 -> 74.7, W4A4 79.9 -> 79.5 (one run each).
-            midrise = (w_bits <= cfg.w_midrise and cfg.w_symmetric and place.weight_signed
-                       and w_bits + 1 <= max_bits)
-            spec = QSpec(w_bits, place.weight_signed, cfg.w_symmetric, 0 if cfg.per_channel else None, midrise)
+            # Asymmetric weights (the default where they fit) on kernels that want a zero weight zero
+            # point are stored centered (q - z), which needs one more bit; where that does not fit they
+            # stay symmetric. Up to the midrise width their zero points may also be half-integers (two
+            # bits more). ResNet-20 W2A4 qdrop: symmetric 69.3, midrise 74.7, centered 76.3, with half-integer
+            # zero points 76.7; W4A4 symmetric 79.9 / 79.5 (two seeds), centered 79.5 (one run each).
+            symmetric, centered = cfg.w_symmetric is True, False
+            if not symmetric and place.weight_zero_point_zero:
+                centered = place.weight_signed and w_bits + 1 <= max_bits
+                symmetric = not centered
+                if symmetric and cfg.w_symmetric is False:
+                    kept_symmetric.append(node.meta["qc.layer"])
+            halves = centered and w_bits <= cfg.w_midrise and w_bits + 2 <= max_bits
+            # Narrow symmetric grids go midrise (no zero level) when the odd integers they store still fit.
+            midrise = (symmetric and w_bits <= cfg.w_midrise and place.weight_signed and w_bits + 1 <= max_bits)
+            spec = QSpec(w_bits, place.weight_signed, symmetric, 0 if cfg.per_channel else None, midrise,
+                         centered, halves)
             q = UniformQuantizer(spec, w.shape[0] if cfg.per_channel else None)
             qname = _unique(gm, "qc_w_" + node.meta["qc.layer"].replace(".", "_"))
             gm.add_submodule(qname, q)
@@ -169,11 +180,16 @@ class InsertQuantizers(Pass):
         gm.recompile()
         program.artifacts["quantized_layers"] = [n.meta["qc.layer"] for n in compute]
         stats = {"weight_quantizers": n_w, "act_quantizers": len(points), "bias_quantizers": n_b,
-                 "compute_layers": len(compute), "narrowed_weights": len(narrowed)}
+                 "compute_layers": len(compute), "narrowed_weights": len(narrowed),
+                 "symmetric_fallback_weights": len(kept_symmetric)}
         if narrowed:
             log.info("%d layer(s) asked for more weight bits than target %s computes exactly; stored at %d bits: %s",
                      len(narrowed), getattr(program.target, "name", "?"), place.max_weight_bits,
                      ", ".join(narrowed[:5]) + (" ..." if len(narrowed) > 5 else ""))
+        if kept_symmetric:
+            log.info("%d layer(s) keep symmetric weights: a centered asymmetric grid needs one bit more than the "
+                     "target computes exactly: %s", len(kept_symmetric),
+                     ", ".join(kept_symmetric[:5]) + (" ..." if len(kept_symmetric) > 5 else ""))
         log.info("inserted %d weight and %d activation quantizers over %d compute layers",
                  n_w, len(points), len(compute))
         return PassResult(True, stats)

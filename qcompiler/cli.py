@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=wNaM",
                    help="per-layer bits for layers whose name matches the glob PATTERN (repeatable)")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
-    p.add_argument("--w-asymmetric", action="store_true", help="asymmetric weights (a zero point per channel)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--w-asymmetric", dest="w_symmetric", action="store_false", default=None,
+                     help="asymmetric weights (a zero point per channel) wherever the target holds them "
+                          "(the default already does so where it costs no precision elsewhere)")
+    sym.add_argument("--w-symmetric", dest="w_symmetric", action="store_true",
+                     help="symmetric weights only (default: per-channel asymmetric where the target holds them)")
     p.add_argument("--w-init", default="mse", help="weight range: mse (default) or minmax")
     p.add_argument("--a-init", default="mse", help="activation range: mse (default), minmax or percentile")
     p.add_argument("--percentile", type=float, default=99.99, help="percentile for --a-init percentile")
@@ -48,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights use [-128, 127]; exact only on CPUs with VNNI (default: 7-bit range)")
     p.add_argument("--midrise-bits", type=int, default=2, metavar="N",
-                   help="symmetric weights of at most N bits use the zero-free midrise grid (default 2; 0: never)")
+                   help="weight grids of at most N bits may sit half a step off zero: symmetric ones use the "
+                        "zero-free midrise grid, asymmetric ones may take half-integer zero points (default 2; 0: never)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--iters", type=int, default=20000,
                    help="reconstruction iterations per unit (default 20000). On a 2-core CPU one iteration of a "
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, bits=args.bits, method=args.method, target=args.target, output=args.output,
             calib_path=args.calib, model_args=parse_pairs(args.model_arg, "model-arg"), evaluate=args.eval,
             report_dir=args.report, overrides=args.override, per_channel=not args.per_tensor,
-            w_symmetric=not args.w_asymmetric, w_midrise=args.midrise_bits, w_init=args.w_init, a_init=args.a_init,
+            w_symmetric=args.w_symmetric, w_midrise=args.midrise_bits, w_init=args.w_init, a_init=args.a_init,
             percentile=args.percentile,
             first_last_8bit=not args.no_first_last_8bit, reduce_range=not args.full_range_weights, seed=args.seed,
             iters=args.iters, batch_size=args.batch_size, qdrop=args.qdrop, granularity=args.granularity,

@@ -7,7 +7,7 @@ import torch
 
 from qcompiler.quantizers.adaround import AdaRoundQuantizer, BetaSchedule, rectified_sigmoid
 from qcompiler.quantizers.lsq import LSQQuantizer
-from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, fake_quant
+from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, fake_quant, search_range
 
 
 def _weight_quantizer(symmetric: bool, method: str = "minmax", seed: int = 0, bits: int = 4, midrise: bool = False
@@ -282,3 +282,35 @@ def test_adaround_learned_step_keeps_integers_and_deploys_exactly(midrise: bool)
     stored = ada.stored_scale()[:, None, None, None]
     assert torch.equal(ada.int_repr(w) * stored, ada(w))
     assert not torch.equal(ada(w), q(w))
+
+
+@pytest.mark.parametrize("halves", [False, True])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_centered_asymmetric_grid_deploys_with_zero_zero_point(bits: int, halves: bool) -> None:
+    """Per-channel asymmetric weights stored as ``k - z``: zero point 0, exact, one (two) bits wider."""
+    gen = torch.Generator().manual_seed(16)
+    w = torch.randn(6, 4, 3, 3, generator=gen) * 0.1 + torch.linspace(-0.08, 0.08, 6)[:, None, None, None]
+    q = UniformQuantizer(QSpec(bits, signed=True, symmetric=False, axis=0, centered=True, zp_halves=halves), 6)
+    q.init_from_tensor(w, "mse")
+    q.mode = "quant"
+    z = q.zero_point
+    assert torch.equal(z, (2 * z).round() / 2 if halves else z.round())
+    assert bool((z >= q.qmin).all()) and bool((z <= q.qmax).all())
+    assert len(set(z.tolist())) > 1  # skewed channels choose different zero points
+    if halves:  # the near-symmetric middle channels take the zero-free (midrise) grid
+        assert bool((z != z.round()).any())
+    ints = q.int_repr(w)
+    assert torch.equal(ints, ints.round()) and float(ints.abs().max()) <= (2 ** bits - 1) * (2 if halves else 1)
+    assert torch.equal(q.stored_zero_point(), torch.zeros(6))
+    assert torch.equal(ints * q.stored_scale()[:, None, None, None], q(w))  # what DequantizeLinear computes
+    ada = AdaRoundQuantizer.from_quantizer(q, w)
+    assert torch.equal(ada.int_repr(w), ints)
+    ada.alpha.data = torch.randn(ada.alpha.shape, generator=torch.Generator().manual_seed(17))
+    assert torch.equal(ada.int_repr(w) * ada.stored_scale()[:, None, None, None], ada(w))
+    # The joint (width, zero point) search is at least as good as shrinking [min, max].
+    r = UniformQuantizer(QSpec(bits, signed=True, symmetric=False, axis=0, centered=True), 6)
+    lo, hi = search_range(w.reshape(6, -1), r.spec, p=2.4)
+    r.set_range(lo, hi)
+    r.mode = "quant"
+    err = lambda m: (m(w) - w).abs().pow(2.4).reshape(6, -1).mean(1)  # noqa: E731
+    assert bool((err(q) <= err(r) * (1 + 1e-6)).all())

@@ -87,8 +87,29 @@ def test_4bit_clamp_survives_lowering(compiled):
     bounds = _clip_bounds(model)
     assert len(bounds) == len(four_bit) > 30
     assert all(0 <= lo and hi <= 15 for lo, hi in bounds), bounds
-    # Weights: stored integers within the signed 4-bit range.
+    # Weights: each channel's stored integers span at most the 16 levels of a 4-bit grid.
     for t in model.graph.initializer:
         if len(t.dims) == 4 and t.dims[1] > 3:  # all but the 8-bit first conv
-            w = onnx.numpy_helper.to_array(t)
-            assert w.min() >= -8 and w.max() <= 7
+            w = onnx.numpy_helper.to_array(t).reshape(t.dims[0], -1).astype(int)
+            assert (w.max(1) - w.min(1)).max() <= 15 and abs(w).max() <= 15
+
+
+def test_asymmetric_weights_run_as_integer_kernels_with_zero_zero_points(compiled):
+    """Per-channel asymmetric weights (the default) are stored centered: int8, zero point 0, QLinearConv."""
+    r = compiled("resnet_cifar.py", bits="w4a4")
+    specs = [n.meta["qc.qspec"] for n in r.program.quantizer_nodes("weight")]
+    assert sum(s.centered for s in specs) == 18 and all(s.centered or s.symmetric for s in specs), specs
+    zps = [gm_q.zero_point for gm_q in (r.program.gm.get_submodule(n.target) for n in r.program.quantizer_nodes("weight"))
+           if gm_q.spec.centered]
+    assert any(bool((z != 0).any()) for z in zps)  # the grids really are asymmetric
+    model = onnx.load_from_string(r.onnx_bytes)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = [v for v in init.values() if v.ndim == 4 and v.shape[1] > 3]  # all but the 8-bit first conv
+    assert len(weights) == 18
+    assert all(v.dtype.name == "int8" and int(v.min()) >= -15 and int(v.max()) <= 15 for v in weights)
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in init and init[n.input[0]].ndim == 4 and len(n.input) > 2:
+            assert not init[n.input[2]].any()
+    counts = ort_backend.optimized_op_counts(r.onnx_bytes)
+    assert counts["QLinearConv"] == 19 and not set(counts) & ort_backend.FLOAT_COMPUTE, counts
+    assert r.checks["agreement"]["top1_agreement"] >= 0.99

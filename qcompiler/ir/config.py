@@ -44,8 +44,10 @@ class QConfig:
     method: str = "rtn"
     target: str = "onnx-int8"
     per_channel: bool = True
-    w_symmetric: bool = True
-    w_midrise: int = 2  # symmetric weights of at most this many bits use the zero-free grid (0: never)
+    # None: per-channel asymmetric weights where the target holds them (centered, see uniform.py),
+    # symmetric elsewhere; True / False: always symmetric / asymmetric wherever possible.
+    w_symmetric: bool | None = None
+    w_midrise: int = 2  # grids of at most this many bits may sit half a step off zero (0: never)
     reduce_range: bool = True
     first_last_8bit: bool = True
     w_init: str = "mse"

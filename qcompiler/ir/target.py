@@ -27,6 +27,8 @@ class Placement:
       products are summed pairwise in saturating int16, as on x86 without VNNI).
     - ``max_weight_bits_depthwise``: the same for depthwise convs, whose kernels may accumulate
       differently.
+    - ``weight_zero_point_zero``: the integer kernels take only zero weight zero points (ONNX
+      Runtime's QLinearConv with per-channel weights); asymmetric weights are then stored centered.
     """
 
     compute_inputs: bool = True
@@ -37,6 +39,7 @@ class Placement:
     weight_signed: bool = True
     max_weight_bits: int = 8
     max_weight_bits_depthwise: int = 8
+    weight_zero_point_zero: bool = True
 
 
 @runtime_checkable

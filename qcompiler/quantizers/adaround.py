@@ -16,7 +16,8 @@ with its sign taken from round-half-to-even: at initialisation the hardened weig
 (``BetaSchedule``). ``int_repr`` always stores the hard decision, and the hard forward is computed
 from those same integers, so the fake-quant model and the lowered ONNX weights agree bit for bit.
 On a midrise grid (no zero level, see ``uniform``) the levels sit at ``(q + 1/2) * s``, so
-``w / s - 1/2`` takes the place of ``w / s`` throughout. The integers are placed with the
+``w / s - 1/2`` takes the place of ``w / s`` throughout; on a centered grid whose zero point
+``z = zi + o`` is a half-integer, ``w / s + o`` does, with ``zi`` in place of ``z`` inside the clamp. The integers are placed with the
 calibrated step (``grid_scale``, fixed); the step they are read with (``scale``) starts equal and
 the trainer may learn it (``w_step_lr``), which rescales each channel's quantized weights.
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, _bcast
+from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, _bcast, split_zero_point
 
 ZETA = 1.1
 GAMMA = -0.1
@@ -88,10 +89,10 @@ class AdaRoundQuantizer(UniformQuantizer):
         """
         w = w.detach().to(self.scale.dtype)
         ws = w / _bcast(self.grid_scale, w, self.spec.axis)
-        pos = ws - 0.5 if self.spec.midrise else ws  # where w sits between two grid levels
+        pos = ws - 0.5 if self.spec.midrise else ws + self._offset(w)  # where w sits between two grid levels
         floor = torch.floor(pos)
         v = inverse_rectified_sigmoid(pos - floor)
-        nearest = torch.floor(ws) if self.spec.midrise else torch.round(ws)  # UniformQuantizer's choice
+        nearest = torch.floor(ws) if self.spec.midrise else torch.round(pos)  # UniformQuantizer's choice
         up = nearest > floor
         tiny = torch.finfo(v.dtype).tiny
         v = torch.where(up, v.clamp(min=0.0), v.clamp(max=-tiny))
@@ -100,13 +101,19 @@ class AdaRoundQuantizer(UniformQuantizer):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, soft={self.soft}"
 
-    def _grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _offset(self, w: torch.Tensor) -> torch.Tensor | float:
+        """The zero point's fractional part ``o`` on a centered grid (levels sit at ``w / s + o`` integers)."""
+        if not self.spec.centered:
+            return 0.0
+        return split_zero_point(_bcast(self.zero_point, w, self.spec.axis))[1]
+
+    def _grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(floor(w / s + o), zi)``: the grid integer below ``w`` before the zero point's integer part."""
         if w.shape != self.alpha.shape:
             raise ValueError(f"AdaRound alpha has shape {tuple(self.alpha.shape)}, weight {tuple(w.shape)}")
-        s = _bcast(self.scale, w, self.spec.axis)
-        z = _bcast(self.zero_point, w, self.spec.axis)
+        zi = split_zero_point(_bcast(self.zero_point, w, self.spec.axis))[0]
         g = _bcast(self.grid_scale, w, self.spec.axis)
-        return torch.floor(w / g - 0.5) if self.spec.midrise else torch.floor(w / g), s, z
+        return torch.floor(w / g - 0.5) if self.spec.midrise else torch.floor(w / g + self._offset(w)), zi
 
     def _value(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The weight value of grid integer ``q``: ``(q - z) * s``, or ``(q + 1/2) * s`` when midrise."""
@@ -114,9 +121,9 @@ class AdaRoundQuantizer(UniformQuantizer):
 
     def _hard_int(self, w: torch.Tensor) -> torch.Tensor:
         """``clamp(floor(w / s) + [alpha >= 0] + z, qmin, qmax)``: the learned integers."""
-        floor, _, z = self._grid(w)
+        floor, zi = self._grid(w)
         up = (self.alpha >= 0).to(floor.dtype)
-        return torch.clamp(floor + up + z, self.qmin, self.qmax)
+        return torch.clamp(floor + up + zi, self.qmin, self.qmax)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.mode != "quant":
@@ -124,8 +131,8 @@ class AdaRoundQuantizer(UniformQuantizer):
         if self.soft:
             # The weight and its grid do not change while the rounding is learned: floor once.
             if self._base is None or self._base.shape != w.shape:
-                floor, _, z = self._grid(w)
-                self._base = (floor + z).detach()
+                floor, zi = self._grid(w)
+                self._base = (floor + zi).detach()
             s = _bcast(self.scale, w, self.spec.axis)
             z = _bcast(self.zero_point, w, self.spec.axis)
             return self._value(torch.clamp(self._base + rectified_sigmoid(self.alpha), self.qmin, self.qmax), s, z)
@@ -149,9 +156,12 @@ class AdaRoundQuantizer(UniformQuantizer):
 
         The hard forward is ``(int_repr(x) - z) * s``, computed from the same tensor, so it equals the
         deployed DequantizeLinear of these integers bit for bit (midrise: ``2q + 1`` at ``s / 2``,
-        and ``(2q + 1) * (s / 2)`` is ``(q + 1/2) * s`` exactly).
+        and ``(2q + 1) * (s / 2)`` is ``(q + 1/2) * s`` exactly; centered: ``q - z`` at ``s``).
         """
-        q = self._hard_int(x.detach().to(self.scale.dtype))
+        w = x.detach().to(self.scale.dtype)
+        q = self._hard_int(w)
+        if self.spec.centered:
+            return (q - _bcast(self.zero_point, w, self.spec.axis)) * _bcast(self.store_factor(), w, self.spec.axis)
         return 2.0 * q + 1.0 if self.spec.midrise else q
 
 

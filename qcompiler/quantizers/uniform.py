@@ -11,6 +11,18 @@ placed symmetrically. For a symmetric weight distribution that is the better uni
 zero-point grid has levels ``{-2, -1, 0, 1} s``, the midrise one ``{-1.5, -0.5, 0.5, 1.5} s``). It
 is deployed exactly as the odd integers ``2q + 1`` with step ``s / 2`` and zero point 0, which
 costs one more bit of storage.
+
+A *centered* asymmetric weight grid (``QSpec.centered``) has a zero point per channel like any
+asymmetric grid, but stores the integers ``q - z`` with zero point 0: the levels of a ``bits``-wide
+asymmetric grid are whole multiples of ``s`` in ``[qmin - z, qmax - z]``, which a symmetric
+container of ``bits + 1`` bits holds exactly. Integer kernels that accept only a zero weight zero
+point (ONNX Runtime's QLinearConv across channels) so run per-channel asymmetric weights. With
+``QSpec.zp_halves`` a zero point may also be a half-integer: the levels ``(k - z) s`` of that
+channel are then odd multiples of ``s / 2``, stored as ``2 (k - z)`` at step ``s / 2`` (two bits
+more than ``bits``). Such a grid contains the midrise grid (``z = -1/2``) and every integer zero
+point, and the weight search picks per channel. The rule for a centered grid with
+``z = zi + o`` (``zi`` integer, ``o`` in ``{0, 1/2}``) is ``k = clamp(round(x / s + o) + zi, qmin, qmax)``,
+``x_hat = (k - z) s``; for an integer zero point that is the affine rule above.
 """
 
 from __future__ import annotations
@@ -31,6 +43,8 @@ class QSpec:
     symmetric: bool
     axis: int | None = None
     midrise: bool = False  # zero-free weight grid; its stored integers need bits + 1
+    centered: bool = False  # asymmetric grid stored as q - z with zero point 0; needs bits + 1
+    zp_halves: bool = False  # centered grid whose zero points may be half-integers; needs bits + 2
 
     @property
     def qmin(self) -> int:
@@ -42,7 +56,7 @@ class QSpec:
 
     def describe(self) -> str:
         sign = "s" if self.signed else "u"
-        sym = "midrise" if self.midrise else "sym" if self.symmetric else "asym"
+        sym = "midrise" if self.midrise else "sym" if self.symmetric else "asym-centered" if self.centered else "asym"
         gran = f"per-channel(axis={self.axis})" if self.axis is not None else "per-tensor"
         return f"{sign}{self.bits} {sym} {gran}"
 
@@ -67,6 +81,27 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     z = _bcast(zero_point, x, axis)
     q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
     return (q - z) * s
+
+
+def split_zero_point(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z = zi + o``: the integer part and the offset ``o`` in [0, 1) (1/2 for a half-integer)."""
+    zi = torch.floor(z)
+    return zi, z - zi
+
+
+def centered_levels(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                    axis: int | None = None, rnd=torch.round) -> torch.Tensor:
+    """``clamp(rnd(x / s + o) + zi, qmin, qmax) - z`` for ``z = zi + o``: the grid level in steps."""
+    s = _bcast(scale, x, axis)
+    z = _bcast(zero_point, x, axis)
+    zi, o = split_zero_point(z)
+    return torch.clamp(rnd(x / s + o) + zi, qmin, qmax) - z
+
+
+def centered_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                   axis: int | None = None) -> torch.Tensor:
+    """``(clamp(round(x / s + o) + zi, qmin, qmax) - z) * s`` for ``z = zi + o`` (straight-through round)."""
+    return centered_levels(x, scale, zero_point, qmin, qmax, axis, round_ste) * _bcast(scale, x, axis)
 
 
 def midrise_quant(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, axis: int | None = None
@@ -130,6 +165,40 @@ def search_range(x2d: torch.Tensor, spec: QSpec, steps: int = 80, p: float = 2.0
         best_lo = torch.where(better, lo, best_lo)
         best_hi = torch.where(better, hi, best_hi)
     return best_lo, best_hi
+
+
+def search_grid(x2d: torch.Tensor, spec: QSpec, steps: int = 100, p: float = 2.4
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero point) of an asymmetric grid minimising the mean ``|x - fq(x)|^p``.
+
+    A joint search: the grid's width runs over ``steps`` fractions of the row's range and, for each,
+    every zero point of the spec is tried (integers, and half-integers with ``zp_halves``), so a
+    skewed row can place more levels on its heavy side than a grid stretched over ``[min, max]``
+    would, and a symmetric row can take the midrise grid. ``p = 2.4`` weighs large errors a little
+    more than squared error, as QDrop's weight observer does.
+    """
+    if spec.symmetric or spec.midrise:
+        raise ValueError("search_grid is for asymmetric grids")
+    if spec.zp_halves and not spec.centered:
+        raise ValueError("half-integer zero points need a centered grid")
+    lo0 = x2d.min(dim=1).values.clamp(max=0)
+    hi0 = x2d.max(dim=1).values.clamp(min=0)
+    width = (hi0 - lo0).clamp(min=1e-8)
+    levels = spec.qmax - spec.qmin
+    best_err = torch.full_like(lo0, math.inf)
+    best_s, best_z = torch.ones_like(lo0), torch.zeros_like(lo0)
+    for i in range(1, steps + 1):
+        s = (width * (i / steps) / levels).clamp(min=1e-8)
+        step = 0.5 if spec.zp_halves else 1.0
+        for j in range(int((spec.qmax - spec.qmin) / step) + 1):
+            zt = torch.full_like(s, spec.qmin + j * step)
+            xq = centered_quant(x2d, s, zt, spec.qmin, spec.qmax, 0)
+            err = (x2d - xq).abs().pow(p).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, zt, best_z)
+    return best_s, best_z
 
 
 class MaskPool:
@@ -240,6 +309,9 @@ class UniformQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
+            if self.spec.centered:
+                return self.drop(x, centered_quant(x, self.scale, self.zero_point, self.qmin, self.qmax,
+                                                   self.spec.axis))
             if self.spec.midrise:
                 return self.drop(x, midrise_quant(x, self.scale, self.qmin, self.qmax, self.spec.axis))
             return self.drop(x, fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis))
@@ -292,6 +364,11 @@ class UniformQuantizer(nn.Module):
             else w.detach().float().reshape(1, -1)
         if method == "minmax":
             lo, hi = x2d.min(dim=1).values, x2d.max(dim=1).values
+        elif method == "mse" and not self.spec.symmetric:
+            scale, zp = search_grid(x2d, self.spec)
+            self.scale.data = scale.reshape(self.scale.shape).clone()
+            self.zero_point.data = zp.reshape(self.zero_point.shape).clone()
+            return
         elif method == "mse":
             lo, hi = search_range(x2d, self.spec)
         else:
@@ -307,16 +384,32 @@ class UniformQuantizer(nn.Module):
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         """The integers stored for ``x`` (float tensor of whole numbers), read with ``stored_scale``.
 
-        Within [qmin, qmax]; for a midrise grid the odd integers ``2q + 1``.
+        Within [qmin, qmax]; for a midrise grid the odd integers ``2q + 1``; for a centered grid
+        ``k - z``, doubled in channels whose zero point is a half-integer.
         """
         if self.spec.midrise:
             s = _bcast(self.scale, x, self.spec.axis)
             return 2.0 * torch.clamp(torch.floor(x / s), self.qmin, self.qmax) + 1.0
+        if self.spec.centered:
+            return centered_levels(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis) \
+                * _bcast(self.store_factor(), x, self.spec.axis)
         return quantize_int(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
 
+    def store_factor(self) -> torch.Tensor:
+        """Per channel, how many stored steps one grid step is: 2 for midrise grids and half-integer zero points."""
+        if self.spec.midrise:
+            return torch.full_like(self.zero_point, 2.0)
+        if self.spec.centered:
+            return 1.0 + (split_zero_point(self.zero_point)[1] != 0).to(self.zero_point.dtype)
+        return torch.ones_like(self.zero_point)
+
     def stored_scale(self) -> torch.Tensor:
-        """The step of the stored integers: ``scale``, or ``scale / 2`` for a midrise grid."""
-        return self.scale / 2 if self.spec.midrise else self.scale
+        """The step of the stored integers: ``scale / store_factor()``."""
+        return self.scale / self.store_factor()
+
+    def stored_zero_point(self) -> torch.Tensor:
+        """The zero point of the stored integers: 0 for midrise and centered grids."""
+        return torch.zeros_like(self.zero_point) if self.spec.midrise or self.spec.centered else self.zero_point
 
 
 class BiasQuantizer(nn.Module):
