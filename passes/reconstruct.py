@@ -83,9 +83,16 @@ class ActivationCache:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="qc_cache_")
         self.dir = Path(directory) / "cache" if directory else Path(self._tmp.name)
 
+    def _shared(self, t: torch.Tensor, but: str | None = None) -> bool:
+        """Whether another key holds this very tensor in memory (it is then counted once)."""
+        return any(v is t for k, v in self.values.items() if k != but and k not in self.files)
+
     def put(self, key: str, t: torch.Tensor) -> torch.Tensor:
         self.drop(key)
         nbytes = t.numel() * t.element_size()
+        if self._shared(t):
+            self.values[key] = t
+            return t
         if self.used + nbytes <= self.budget or t.dim() == 0:
             self.used += nbytes
             self.values[key] = t
@@ -106,12 +113,15 @@ class ActivationCache:
         return list(self.values)
 
     def drop(self, key: str) -> None:
-        t = self.values.pop(key, None)
+        t = self.values.get(key)
         if t is None:
             return
+        shared = self._shared(t, but=key)
+        del self.values[key]
         path = self.files.pop(key, None)
         if path is None:
-            self.used -= t.numel() * t.element_size()
+            if not shared:
+                self.used -= t.numel() * t.element_size()
         else:
             del t
             path.unlink(missing_ok=True)

@@ -138,3 +138,20 @@ def test_float_activation_methods_calibrate_activations_after_reconstruction():
     assert names.index("recalibrate") == names.index("reconstruct") + 1
     assert r.report["reconstruction"]["qdrop"] == 1.0
     assert r.checks["integer_kernels"]["ok"] and r.checks["agreement"]["top1_agreement"] >= 0.95
+
+
+def test_activation_cache_counts_a_shared_tensor_once(tmp_path):
+    from qcompiler.passes.reconstruct import ActivationCache
+
+    t = torch.zeros(256)  # 1 KiB
+    cache = ActivationCache(budget_bytes=1024, directory=str(tmp_path))
+    cache.put("fp:x", t)
+    assert cache.put("q:x", t) is t and cache.used == 1024  # the same tensor twice: in memory, counted once
+    cache.drop("fp:x")
+    assert cache.used == 1024  # still held by q:x
+    cache.drop("q:x")
+    assert cache.used == 0
+    spilled = cache.put("fp:y", torch.ones(512))  # over budget: memory-mapped
+    assert cache.files and torch.equal(spilled, torch.ones(512))
+    cache.close()
+    assert not list(tmp_path.rglob("*.bin"))
