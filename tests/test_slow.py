@@ -41,6 +41,16 @@ def test_resnet20_qdrop_2000_iterations_beats_official_qdrop(bits, floor):
     assert row["agreement"] >= 99.5, row
 
 
+@pytest.mark.parametrize("bits", ["w4a4", "w2a4"])
+def test_resnet20_qdrop_20000_iterations_at_least_as_good_as_2000(bits):
+    """The issue: ten times the iterations must not lose accuracy (about an hour per width here)."""
+    import accuracy
+
+    rows = [accuracy.evaluate_all(str(MODELS / "resnet_cifar.py"), bits, method="qdrop", iters=n)
+            for n in (2000, 20000)]
+    assert rows[1]["ort"] >= rows[0]["ort"], rows
+
+
 def test_resnet20_w4a4_qdrop_compile_faster_than_official_qdrop():
     """Official QDrop took 475 s for the whole W4A4 run at 2000 iterations on this machine."""
     import time
