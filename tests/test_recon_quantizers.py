@@ -307,10 +307,10 @@ def test_centered_asymmetric_grid_deploys_with_zero_zero_point(bits: int, halves
     assert torch.equal(ada.int_repr(w), ints)
     ada.alpha.data = torch.randn(ada.alpha.shape, generator=torch.Generator().manual_seed(17))
     assert torch.equal(ada.int_repr(w) * ada.stored_scale()[:, None, None, None], ada(w))
-    # The joint (width, zero point) search beats shrinking [min, max] over the layer.
+    # The joint (width, zero point) search is at least as good as shrinking [min, max] over the layer.
     r = UniformQuantizer(QSpec(bits, signed=True, symmetric=False, axis=0, centered=True), 6)
     lo, hi = search_range(w.reshape(6, -1), r.spec, p=2.4)
     r.set_range(lo, hi)
     r.mode = "quant"
     err = lambda m: (m(w) - w).abs().pow(2.4).reshape(6, -1).mean(1)  # noqa: E731
-    assert float(err(q).sum()) < float(err(r).sum())
+    assert float(err(q).sum()) <= float(err(r).sum())

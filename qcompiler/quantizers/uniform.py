@@ -176,16 +176,16 @@ def search_range(x2d: torch.Tensor, spec: QSpec, steps: int = 80, p: float = MSE
 
 
 @torch.no_grad()
-def search_grid(x2d: torch.Tensor, spec: QSpec, steps: int = 20, p: float = MSE_P
+def search_grid(x2d: torch.Tensor, spec: QSpec, steps: int = 10, p: float = MSE_P
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero point) of an asymmetric grid minimising the mean ``|x - fq(x)|^p``.
 
-    A joint search: the grid's width runs over fractions of the row's range and, for each, every
-    zero point of the spec is tried (integers, and half-integers with ``zp_halves``), so a skewed
-    row can place more levels on its heavy side than a grid stretched over ``[min, max]`` would,
-    and a symmetric row can take the midrise grid. The width is searched coarse to fine: ``steps``
-    fractions ``i / steps``, then ``steps + 1`` fractions within one coarse step of each row's best
-    (a resolution of ``1 / (10 steps)`` for about a fifth of the work of a flat search as fine).
+    A joint search: the grid's width runs over fractions of the row's range and, for each, zero
+    points of the spec are tried (integers, and half-integers with ``zp_halves``), so a skewed row
+    can place more levels on its heavy side than a grid stretched over ``[min, max]`` would, and a
+    symmetric row can take the midrise grid. Coarse to fine: ``steps`` fractions ``i / steps`` with
+    every zero point, then ``2 steps + 1`` fractions within one coarse step of each row's best, at
+    ten times the resolution, with the zero points within 2 of the row's best.
     """
     if spec.symmetric or spec.midrise:
         raise ValueError("search_grid is for asymmetric grids")
@@ -196,27 +196,27 @@ def search_grid(x2d: torch.Tensor, spec: QSpec, steps: int = 20, p: float = MSE_
     width = (hi0 - lo0).clamp(min=1e-8)
     levels = spec.qmax - spec.qmin
     zstep = 0.5 if spec.zp_halves else 1.0
-    zps = [spec.qmin + j * zstep for j in range(int(levels / zstep) + 1)]
     best_err = torch.full_like(lo0, math.inf)
     best_f, best_z = torch.ones_like(lo0), torch.zeros_like(lo0)
 
-    def trial(frac: torch.Tensor) -> None:
+    def trial(frac: torch.Tensor, zt: torch.Tensor) -> None:
         nonlocal best_err, best_f, best_z
         s = (width * frac / levels).clamp(min=1e-8)
-        for z in zps:
-            zt = torch.full_like(s, z)
-            d = x2d - centered_levels(x2d, s, zt, spec.qmin, spec.qmax, 0) * s[:, None]
-            err = d.abs_().pow_(p).mean(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_f = torch.where(better, frac, best_f)
-            best_z = torch.where(better, zt, best_z)
+        d = x2d - centered_levels(x2d, s, zt, spec.qmin, spec.qmax, 0) * s[:, None]
+        err = d.abs_().pow_(p).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_f = torch.where(better, frac, best_f)
+        best_z = torch.where(better, zt, best_z)
 
     for i in range(1, steps + 1):
-        trial(torch.full_like(lo0, i / steps))
-    coarse = best_f.clone()
-    for k in range(-steps // 2, steps // 2 + 1):
-        trial((coarse + k / (10 * steps)).clamp(min=0.1 / steps, max=1.0))
+        for j in range(int(levels / zstep) + 1):
+            trial(torch.full_like(lo0, i / steps), torch.full_like(lo0, spec.qmin + j * zstep))
+    coarse_f, coarse_z = best_f.clone(), best_z.clone()
+    for k in range(-steps, steps + 1):
+        frac = (coarse_f + k / (10 * steps)).clamp(min=0.1 / steps, max=1.0)
+        for dz in range(-int(2 / zstep), int(2 / zstep) + 1):
+            trial(frac, (coarse_z + dz * zstep).clamp(spec.qmin, spec.qmax))
     return (width * best_f / levels).clamp(min=1e-8), best_z
 
 
