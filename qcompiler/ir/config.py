@@ -44,8 +44,9 @@ class QConfig:
     method: str = "rtn"
     target: str = "onnx-int8"
     per_channel: bool = True
-    # None: per-channel asymmetric weights where the target holds them (centered, see uniform.py),
-    # symmetric elsewhere; True / False: always symmetric / asymmetric wherever possible.
+    # None: asymmetric weights where the target holds them (centered, see uniform.py), except in
+    # depthwise convs; symmetric elsewhere. True / False: symmetric everywhere / asymmetric wherever
+    # the target holds them, depthwise convs included.
     w_symmetric: bool | None = None
     w_midrise: int = 2  # grids of at most this many bits may sit half a step off zero (0: never)
     reduce_range: bool = True

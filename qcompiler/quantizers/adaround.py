@@ -17,8 +17,8 @@ with its sign taken from round-half-to-even: at initialisation the hardened weig
 from those same integers, so the fake-quant model and the lowered ONNX weights agree bit for bit.
 On a midrise grid (no zero level, see ``uniform``) the levels sit at ``(q + 1/2) * s``, so
 ``w / s - 1/2`` takes the place of ``w / s`` throughout; on a centered grid whose zero point
-``z = zi + o`` is a half-integer, ``w / s + o`` does, with ``zi`` in place of ``z`` inside the clamp. The integers are placed with the
-calibrated step (``grid_scale``, fixed); the step they are read with (``scale``) starts equal and
+``z = zi + o`` is a half-integer, ``w / s + o`` does, with ``zi`` in place of ``z`` inside the
+clamp. The integers are placed with the calibrated step (``grid_scale``, fixed); the step they are read with (``scale``) starts equal and
 the trainer may learn it (``w_step_lr``), which rescales each channel's quantized weights.
 """
 
