@@ -338,7 +338,7 @@ class Reconstruct(Pass):
                 q.scale.requires_grad_(True)
             opt_a = torch.optim.Adam([q.scale for q in aqs], lr=cfg.a_lr, fused=True)
             sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0)
-        steps = [q for q in wqs if cfg.w_step_lr > 0]
+        steps = list(wqs) if cfg.w_step_lr > 0 else []
         opt_s, sched_s = None, None
         if steps:  # learned weight steps: each quantizer's lr is relative to its mean step
             for q in steps:

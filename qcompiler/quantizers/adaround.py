@@ -18,8 +18,9 @@ from those same integers, so the fake-quant model and the lowered ONNX weights a
 On a midrise grid (no zero level, see ``uniform``) the levels sit at ``(q + 1/2) * s``, so
 ``w / s - 1/2`` takes the place of ``w / s`` throughout; on a centered grid whose zero point
 ``z = zi + o`` is a half-integer, ``w / s + o`` does, with ``zi`` in place of ``z`` inside the
-clamp. The integers are placed with the calibrated step (``grid_scale``, fixed); the step they are read with (``scale``) starts equal and
-the trainer may learn it (``w_step_lr``), which rescales each channel's quantized weights.
+clamp. The integers are placed with the calibrated step (``grid_scale``, fixed); the step they are
+read with (``scale``) starts equal and the trainer may learn it (``w_step_lr``), which rescales
+each channel's quantized weights.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class AdaRoundQuantizer(UniformQuantizer):
         """
         w = w.detach().to(self.scale.dtype)
         ws = w / _bcast(self.grid_scale, w, self.spec.axis)
-        pos = ws - 0.5 if self.spec.midrise else ws + self._offset(w)  # where w sits between two grid levels
+        pos = ws - 0.5 if self.spec.midrise else ws + self._split(w)[1]  # where w sits between two grid levels
         floor = torch.floor(pos)
         v = inverse_rectified_sigmoid(pos - floor)
         nearest = torch.floor(ws) if self.spec.midrise else torch.round(pos)  # UniformQuantizer's choice
@@ -101,26 +102,26 @@ class AdaRoundQuantizer(UniformQuantizer):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, soft={self.soft}"
 
-    def _offset(self, w: torch.Tensor) -> torch.Tensor | float:
-        """The zero point's fractional part ``o`` on a centered grid (levels sit at ``w / s + o`` integers)."""
-        if not self.spec.centered:
-            return 0.0
-        return split_zero_point(_bcast(self.zero_point, w, self.spec.axis))[1]
+    def _split(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``(zi, o)`` broadcast on ``w``: the zero point's integer part and, on a centered grid, its
+        fractional part ``o`` (levels sit where ``w / s + o`` is an integer; 0 on other grids)."""
+        zi, o = split_zero_point(_bcast(self.zero_point, w, self.spec.axis))
+        return zi, (o if self.spec.centered else 0.0)
 
     def _grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(floor(w / s + o), zi)``: the grid integer below ``w`` before the zero point's integer part."""
         if w.shape != self.alpha.shape:
             raise ValueError(f"AdaRound alpha has shape {tuple(self.alpha.shape)}, weight {tuple(w.shape)}")
-        zi = split_zero_point(_bcast(self.zero_point, w, self.spec.axis))[0]
+        zi, o = self._split(w)
         g = _bcast(self.grid_scale, w, self.spec.axis)
-        return torch.floor(w / g - 0.5) if self.spec.midrise else torch.floor(w / g + self._offset(w)), zi
+        return torch.floor(w / g - 0.5) if self.spec.midrise else torch.floor(w / g + o), zi
 
     def _value(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The weight value of grid integer ``q``: ``(q - z) * s``, or ``(q + 1/2) * s`` when midrise."""
         return (q + 0.5) * s if self.spec.midrise else (q - z) * s
 
     def _hard_int(self, w: torch.Tensor) -> torch.Tensor:
-        """``clamp(floor(w / s) + [alpha >= 0] + z, qmin, qmax)``: the learned integers."""
+        """``clamp(floor(w / s + o) + [alpha >= 0] + zi, qmin, qmax)``: the learned integers."""
         floor, zi = self._grid(w)
         up = (self.alpha >= 0).to(floor.dtype)
         return torch.clamp(floor + up + zi, self.qmin, self.qmax)
