@@ -83,6 +83,22 @@ def test_first_and_last_layer_8bit_and_overrides():
     assert out.meta["qc.qspec"].bits == 8
 
 
+@pytest.mark.parametrize("w_symmetric", [None, False, True])
+def test_weight_grids_by_default_centered_except_depthwise(w_symmetric):
+    r = qcompiler.compile(str(MODELS / "efficientnet_lite.py"), bits="w4a4", stop_after="insert_quantizers",
+                          w_symmetric=w_symmetric, model_args={"num": 8})
+    gm = r.program.gm
+    specs = {}
+    for n in r.program.quantizer_nodes("weight"):
+        w = registry.get_tensor(gm, str(n.args[0].target))
+        kind = "8-bit" if n.meta["qc.qspec"].bits > 4 else "depthwise" if w.dim() == 4 and w.shape[1] == 1 else "other"
+        specs.setdefault(kind, set()).add((n.meta["qc.qspec"].symmetric, n.meta["qc.qspec"].centered))
+    centered = {"depthwise": w_symmetric is False, "other": w_symmetric is not True, "8-bit": False}
+    assert specs.keys() == centered.keys()
+    for kind, specs_of_kind in specs.items():
+        assert specs_of_kind == {(not centered[kind], centered[kind])}, kind
+
+
 def test_main_command_under_60s_and_report(tmp_path):
     out, rep = tmp_path / "r20.onnx", tmp_path / "rep"
     t = time.perf_counter()
@@ -111,6 +127,18 @@ def test_cli_eval_prints_float_fake_quant_and_ort(tmp_path, capsys):
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
     assert set(lines) == {"float", "fake_quant", "ort"}
     assert "'n': 500" in lines["ort"]
+
+
+def test_cli_defaults_are_the_python_api_defaults():
+    """The CLI spells its defaults out (importing QConfig would import torch for --help); keep them equal."""
+    from qcompiler.cli import build_parser
+
+    args = vars(build_parser().parse_args(["m.py", "-o", "m.onnx"]))
+    same = {"iters": "iters", "batch_size": "batch_size", "seed": "seed", "w_lr": "w_lr", "a_lr": "a_lr",
+            "w_step_lr": "w_step_lr", "cache_mb": "cache_mb", "midrise_bits": "w_midrise", "percentile": "percentile",
+            "w_symmetric": "w_symmetric", "w_init": "w_init", "a_init": "a_init", "method": "method"}
+    cfg = QConfig()
+    assert {k: args[k] for k in same} == {k: getattr(cfg, v) for k, v in same.items()}
 
 
 def test_efficientnet_lite_every_conv_is_integer_including_depthwise():
