@@ -9,6 +9,9 @@ Rule (the target's :class:`~qcompiler.ir.target.Placement` decides which parts a
    (relu, relu6, clamp) that are its only user, so the integer kernel requantizes once.
 4. Join inputs and graph outputs are quantized.
 
+Activation widths: a tensor a compute op reads takes that layer's width; the others (add operands,
+graph outputs) are stored at the target's activation width (8 bits), unless ``a_bits_all``.
+
 A quantized tensor is quantized once: all its users read the quantizer's output, as they read the
 DequantizeLinear output in the deployed graph. Widths: the config's ``w_bits``/``a_bits``; the
 first and last compute layers (weights and inputs) and graph outputs at 8 bits unless
@@ -71,12 +74,22 @@ class InsertQuantizers(Pass):
             names = ", ".join(registry.layer_name(n, gm) for n in compute[:6])
             raise ConfigError(f"override pattern(s) {sorted(unmatched)} match no layer; layers are named like {names}")
 
-        # Activation quantization points: tensor node -> bits (the widest request wins).
-        points: dict[fx.Node, int] = {}
+        # Activation quantization points. A tensor a compute op reads takes that layer's activation
+        # width (the widest request wins); a tensor no compute op reads (an add operand, a graph
+        # output) multiplies nothing, so it is stored at the target's activation width, unless
+        # ``a_bits_all`` asks for the activation width there too. (QDrop's and BRECQ's reference code
+        # leave those tensors in float.)
+        kernel_bits: dict[fx.Node, int] = {}
+        other_bits: dict[fx.Node, int] = {}
+        storage = cfg.a_bits if cfg.a_bits_all else place.act_storage_bits
 
-        def want(t: object, bits: int) -> None:
+        def want(t: object, bits: int | None = None) -> None:
+            """Quantize ``t``: as a compute op's input at ``bits``, or (None) as a stored tensor."""
             if isinstance(t, fx.Node) and _is_float_tensor(t) and t.op != "get_attr":
-                points[t] = max(points.get(t, 0), bits)
+                if bits is None:
+                    other_bits[t] = max(other_bits.get(t, 0), storage)
+                else:
+                    kernel_bits[t] = max(kernel_bits.get(t, 0), bits)
 
         def after_clamps(n: fx.Node) -> fx.Node:
             while len(n.users) == 1:
@@ -94,17 +107,21 @@ class InsertQuantizers(Pass):
                 if registry.kind(node, gm) == "matmul":
                     want(a["other"], a_bits)
             if place.compute_outputs:
-                want(after_clamps(node), cfg.a_bits)
+                want(after_clamps(node))
         for node in list(gm.graph.nodes):
             if registry.kind(node, gm) in place.join_kinds:
                 a = registry.args_of(node, gm)
-                want(a["input"], cfg.a_bits)
-                want(a["other"], cfg.a_bits)
-                want(after_clamps(node), cfg.a_bits)
+                want(a["input"])
+                want(a["other"])
+                want(after_clamps(node))
         if place.graph_outputs:
             out_node = next(n for n in gm.graph.nodes if n.op == "output")
             for t in out_node.all_input_nodes:
-                want(t, 8 if cfg.first_last_8bit else cfg.a_bits)
+                want(t)
+                if cfg.first_last_8bit:
+                    other_bits[t] = 8
+        points = {t: kernel_bits.get(t, b) for t, b in other_bits.items()}
+        points.update(kernel_bits)
 
         # Weight quantizers.
         n_w, narrowed, kept_symmetric = 0, [], []

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--midrise-bits", type=int, default=2, metavar="N",
                    help="weight grids of at most N bits may sit half a step off zero: symmetric ones use the "
                         "zero-free midrise grid, asymmetric ones may take half-integer zero points (default 2; 0: never)")
+    p.add_argument("--a-bits-all", action="store_true",
+                   help="also quantize tensors no conv/linear reads (add operands) at the activation width "
+                        "(default: they are stored at the target's 8 bits, as they multiply nothing)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--iters", type=int, default=20000,
                    help="reconstruction iterations per unit (default 20000). On a 2-core CPU one iteration of a "
@@ -95,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model, bits=args.bits, method=args.method, target=args.target, output=args.output,
             calib_path=args.calib, model_args=parse_pairs(args.model_arg, "model-arg"), evaluate=args.eval,
             report_dir=args.report, overrides=args.override, per_channel=not args.per_tensor,
-            w_symmetric=args.w_symmetric, w_midrise=args.midrise_bits, w_init=args.w_init, a_init=args.a_init,
-            percentile=args.percentile,
+            w_symmetric=args.w_symmetric, w_midrise=args.midrise_bits, a_bits_all=args.a_bits_all,
+            w_init=args.w_init, a_init=args.a_init, percentile=args.percentile,
             first_last_8bit=not args.no_first_last_8bit, reduce_range=not args.full_range_weights, seed=args.seed,
             iters=args.iters, batch_size=args.batch_size, qdrop=args.qdrop, granularity=args.granularity,
             w_lr=args.w_lr, a_lr=args.a_lr, w_step_lr=args.w_step_lr,

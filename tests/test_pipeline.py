@@ -83,6 +83,26 @@ def test_first_and_last_layer_8bit_and_overrides():
     assert out.meta["qc.qspec"].bits == 8
 
 
+@pytest.mark.parametrize("a_bits_all", [False, True])
+def test_activation_width_is_for_what_compute_layers_read(a_bits_all):
+    r = qcompiler.compile(str(MODELS / "resnet_cifar.py"), bits="w4a4", stop_after="insert_quantizers",
+                          a_bits_all=a_bits_all)
+    gm = r.program.gm
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    read, other = set(), set()
+    for n in r.program.quantizer_nodes("act"):
+        layers = {u.meta.get("qc.layer") for u in n.users if registry.kind(u, gm) in registry.COMPUTE_KINDS}
+        if layers and not layers & {"conv1", "linear"}:  # first and last layer inputs are 8-bit
+            read.add(n.meta["qc.qspec"].bits)
+        elif not layers and n not in out.all_input_nodes:
+            other.add((n.meta["qc.of"], n.meta["qc.qspec"].bits))
+    assert read == {4}
+    # per residual block the conv output and the shortcut that the add reads, and the last block's
+    # output (read by the pooling)
+    assert len(other) == 19
+    assert {b for _, b in other} == {4 if a_bits_all else 8}
+
+
 @pytest.mark.parametrize("w_symmetric", [None, False, True])
 def test_weight_grids_by_default_centered_except_depthwise(w_symmetric):
     r = qcompiler.compile(str(MODELS / "efficientnet_lite.py"), bits="w4a4", stop_after="insert_quantizers",
@@ -136,7 +156,8 @@ def test_cli_defaults_are_the_python_api_defaults():
     args = vars(build_parser().parse_args(["m.py", "-o", "m.onnx"]))
     same = {"iters": "iters", "batch_size": "batch_size", "seed": "seed", "w_lr": "w_lr", "a_lr": "a_lr",
             "w_step_lr": "w_step_lr", "cache_mb": "cache_mb", "midrise_bits": "w_midrise", "percentile": "percentile",
-            "w_symmetric": "w_symmetric", "w_init": "w_init", "a_init": "a_init", "method": "method"}
+            "w_symmetric": "w_symmetric", "a_bits_all": "a_bits_all", "w_init": "w_init", "a_init": "a_init",
+            "method": "method"}
     cfg = QConfig()
     assert {k: args[k] for k in same} == {k: getattr(cfg, v) for k, v in same.items()}
 

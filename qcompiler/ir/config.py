@@ -49,6 +49,8 @@ class QConfig:
     # the target holds them, depthwise convs included.
     w_symmetric: bool | None = None
     w_midrise: int = 2  # grids of at most this many bits may sit half a step off zero (0: never)
+    # a_bits applies to what compute ops read; True: also to tensors only adds and outputs read
+    a_bits_all: bool = False
     reduce_range: bool = True
     first_last_8bit: bool = True
     w_init: str = "mse"

@@ -23,6 +23,8 @@ class Placement:
     - ``graph_outputs``: quantize the model outputs.
     - ``act_signed`` / ``weight_signed``: the integer container of activations and weights
       (False = uint8, True = int8).
+    - ``act_storage_bits``: the width of that activation container; tensors no compute op reads
+      (add operands, graph outputs) are quantized at it.
     - ``max_weight_bits``: the widest weight grid the target computes exactly (7 where u8 x s8
       products are summed pairwise in saturating int16, as on x86 without VNNI).
     - ``max_weight_bits_depthwise``: the same for depthwise convs, whose kernels may accumulate
@@ -36,6 +38,7 @@ class Placement:
     join_kinds: frozenset[str] = frozenset({"add"})
     graph_outputs: bool = True
     act_signed: bool = False
+    act_storage_bits: int = 8
     weight_signed: bool = True
     max_weight_bits: int = 8
     max_weight_bits_depthwise: int = 8
