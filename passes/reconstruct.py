@@ -282,7 +282,8 @@ class Reconstruct(Pass):
     @staticmethod
     def _signature(cfg) -> dict:
         keys = ("method", "w_bits", "a_bits", "iters", "batch_size", "seed", "w_lr", "a_lr", "reg_weight", "qdrop",
-                "granularity", "w_init", "a_init", "per_channel", "w_symmetric", "w_midrise", "w_step_lr", "a_bits_all", "overrides")
+                "granularity", "w_init", "a_init", "per_channel", "w_symmetric", "w_midrise", "w_step_lr", "a_bits_all",
+                "overrides")
         return {k: getattr(cfg, k) for k in keys}
 
     @staticmethod

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="8-bit weights use [-128, 127]; exact only on CPUs with VNNI (default: 7-bit range)")
     p.add_argument("--midrise-bits", type=int, default=2, metavar="N",
                    help="weight grids of at most N bits may sit half a step off zero: symmetric ones use the "
-                        "zero-free midrise grid, asymmetric ones may take half-integer zero points (default 2; 0: never)")
+                        "zero-free midrise grid, asymmetric ones may take half-integer zero points "
+                        "(default 2; 0: never)")
     p.add_argument("--a-bits-all", action="store_true",
                    help="also quantize tensors no conv/linear reads (add operands) at the activation width "
                         "(default: they are stored at the target's 8 bits, as they multiply nothing)")

