@@ -15,7 +15,8 @@ graph outputs) are stored at the target's activation width (8 bits), unless ``a_
 A quantized tensor is quantized once: all its users read the quantizer's output, as they read the
 DequantizeLinear output in the deployed graph. Widths: the config's ``w_bits``/``a_bits``; the
 first and last compute layers (weights and inputs) and graph outputs at 8 bits unless
-``first_last_8bit`` is off; per-layer overrides win over both.
+``first_last_8bit`` is off (graph outputs then take the width of the other stored tensors);
+per-layer overrides win over both.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class InsertQuantizers(Pass):
             """Quantize ``t``: as a compute op's input at ``bits``, or (None) as a stored tensor."""
             if isinstance(t, fx.Node) and _is_float_tensor(t) and t.op != "get_attr":
                 if bits is None:
-                    other_bits[t] = max(other_bits.get(t, 0), storage)
+                    other_bits[t] = storage
                 else:
                     kernel_bits[t] = max(kernel_bits.get(t, 0), bits)
 
@@ -118,10 +119,9 @@ class InsertQuantizers(Pass):
             out_node = next(n for n in gm.graph.nodes if n.op == "output")
             for t in out_node.all_input_nodes:
                 want(t)
-                if cfg.first_last_8bit:
+                if cfg.first_last_8bit and t in other_bits:
                     other_bits[t] = 8
-        points = {t: kernel_bits.get(t, b) for t, b in other_bits.items()}
-        points.update(kernel_bits)
+        points = {**other_bits, **kernel_bits}  # what a compute op reads takes its width
 
         # Weight quantizers.
         n_w, narrowed, kept_symmetric = 0, [], []
