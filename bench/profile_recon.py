@@ -1,6 +1,6 @@
-"""Where reconstruction spends its time, per unit of ResNet-20, against the cost of its convolutions.
+"""Where reconstruction spends its time, per unit, against the cost of its convolutions.
 
-    python bench/profile_recon.py [--iters 200] [--bits w4a4] [--cprofile 15]
+    python bench/profile_recon.py [--model models/resnet_cifar.py] [--iters 200] [--bits w4a4] [--cprofile 15]
 
 For each unit it prints the measured time per training iteration (QDrop, batch 32; the unit's two
 loss evaluations included) next to the *floor*: one float forward and backward of the same unit at
@@ -30,6 +30,7 @@ def floor_ms(gm, unit, batch: int, reps: int = 20) -> float:
     saved = Reconstruct._set_modes(gm, sub, "off")
     shapes = {n.name: n.meta["tensor_meta"].shape for n in gm.graph.nodes if "tensor_meta" in n.meta}
     xs = [torch.randn(batch, *shapes[x][1:]) for x in unit.inputs]
+    xs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs]  # as reconstruct
     params = [p for n, p in gm.named_parameters() if not n.startswith("qc_")]
     for prm in params:
         prm.requires_grad_(True)
@@ -49,6 +50,7 @@ def floor_ms(gm, unit, batch: int, reps: int = 20) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(ROOT / "models/resnet_cifar.py"))
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--bits", default="w4a4")
     p.add_argument("--cprofile", type=int, default=0, metavar="N")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     prof = cProfile.Profile() if args.cprofile else None
     if prof:
         prof.enable()
-    r = qcompiler.compile(str(ROOT / "models/resnet_cifar.py"), bits=args.bits, method="qdrop", iters=args.iters,
+    r = qcompiler.compile(args.model, bits=args.bits, method="qdrop", iters=args.iters,
                           stop_after="reconstruct")
     if prof:
         prof.disable()

@@ -7,7 +7,7 @@ import torch
 
 from qcompiler.quantizers.adaround import AdaRoundQuantizer, BetaSchedule, rectified_sigmoid
 from qcompiler.quantizers.lsq import LSQQuantizer
-from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, fake_quant, search_range
+from qcompiler.quantizers.uniform import MaskPool, QSpec, UniformQuantizer, fake_quant, search_range
 
 
 def _weight_quantizer(symmetric: bool, method: str = "minmax", seed: int = 0, bits: int = 4, midrise: bool = False
@@ -201,9 +201,11 @@ def test_lsq_fused_gradients_match_autograd_composition_under_qdrop(axis: int | 
     torch.testing.assert_close(got_s, scale.grad)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("with_keep", [False, True])
-def test_native_lsq_kernel_equals_torch_composition(with_keep: bool) -> None:
-    """The C kernel gives bit-identical values and the same gradients as the torch composition."""
+def test_native_lsq_kernel_equals_torch_composition(with_keep: bool, channels_last: bool) -> None:
+    """The C kernel gives bit-identical values and the same gradients as the torch composition, also
+    on channels-last tensors (the kernel walks memory; the mask is drawn in the tensor's layout)."""
     import os
     import shutil
 
@@ -217,11 +219,17 @@ def test_native_lsq_kernel_equals_torch_composition(with_keep: bool) -> None:
     s = torch.tensor(0.0625)
     x = torch.randn(3, 5, 7, 9, generator=gen) * 0.6
     x.view(-1)[:40] = (torch.arange(40) - 20) * 0.03125  # exact ties: x / s = k + 0.5
-    keep = (torch.rand(x.shape, generator=gen) < 0.5).float() if with_keep else None
     upstream = torch.randn(x.shape, generator=gen)
+    keep = None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if with_keep:
+        keep = MaskPool(0.5, gen, size=64).mask(x)
+        assert keep.stride() == x.stride() and 0.3 < float(keep.mean()) < 0.7
+    assert native.usable(x, keep)
     results = []
     for use_native in (False, True):
-        xi = x.clone().requires_grad_(True)
+        xi = x.detach().clone().requires_grad_(True)
         si = s.clone().requires_grad_(True)
         out = lsq._NativeLSQFakeQuant.apply(xi, si, -2.0, 13.0, 0.01, keep) if use_native else \
             lsq._LSQFakeQuant.apply(xi, si, -2.0, 13.0, 0.01, None, keep)

@@ -153,5 +153,8 @@ def test_activation_cache_counts_a_shared_tensor_once(tmp_path):
     assert cache.used == 0
     spilled = cache.put("fp:y", torch.ones(512))  # over budget: memory-mapped
     assert cache.files and torch.equal(spilled, torch.ones(512))
+    nhwc = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    back = cache.put("fp:z", nhwc)  # a spilled value keeps its memory layout (and so its numerics)
+    assert "fp:z" in cache.files and torch.equal(back, nhwc) and back.stride() == nhwc.stride()
     cache.close()
     assert not list(tmp_path.rglob("*.bin"))

@@ -96,7 +96,7 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     if axis is None:
         z = float(zero_point)
         lo, hi = qmin - z, qmax - z
-        if native.library() is not None and native.usable(x) and (keep is None or native.usable(keep)):
+        if native.library() is not None and native.usable(x, keep):
             return _NativeLSQFakeQuant.apply(x, scale, lo, hi, factor, keep)
     else:
         z = _bcast(zero_point, x, axis)

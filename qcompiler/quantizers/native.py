@@ -78,8 +78,16 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
-def usable(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+def dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` fills its memory without gaps in a layout ``empty_like`` reproduces (contiguous
+    or channels-last): the kernels walk raw memory, so every tensor of one call shares that layout."""
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def usable(x: torch.Tensor, keep: torch.Tensor | None = None) -> bool:
+    """Whether the kernels can take ``x`` (and its keep-mask, which must have ``x``'s memory layout)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and dense(x)
+            and (keep is None or (keep.dtype == torch.float32 and keep.stride() == x.stride())))
 
 
 def lsq_forward(x: torch.Tensor, keep: torch.Tensor | None, s: float, lo: float, hi: float
@@ -87,7 +95,7 @@ def lsq_forward(x: torch.Tensor, keep: torch.Tensor | None, s: float, lo: float,
     """``(out, code)``: the fake-quantized (or kept) values and a per-element byte for the backward."""
     lib = library()
     out = torch.empty_like(x)
-    code = torch.empty(x.shape, dtype=torch.uint8)
+    code = torch.empty_like(x, dtype=torch.uint8)
     lib.qc_lsq_forward(x.data_ptr(), keep.data_ptr() if keep is not None else None, out.data_ptr(),
                        code.data_ptr(), x.numel(), s, lo, hi, torch.get_num_threads())
     return out, code
@@ -97,7 +105,8 @@ def lsq_backward(g: torch.Tensor, x: torch.Tensor, code: torch.Tensor, s: float,
                  ) -> tuple[torch.Tensor, float]:
     """``(grad_x, d loss / d s before LSQ's factor)``."""
     lib = library()
-    g = g.contiguous()
+    if g.stride() != x.stride():  # walk g's memory in x's order
+        g = torch.empty_like(x).copy_(g)
     gx = torch.empty_like(g)
     gs = lib.qc_lsq_backward(g.data_ptr(), x.data_ptr(), code.data_ptr(), gx.data_ptr(), x.numel(), s, lo, hi,
                              torch.get_num_threads())

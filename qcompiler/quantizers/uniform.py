@@ -232,23 +232,50 @@ class MaskPool:
     def __init__(self, p: float, generator: torch.Generator, size: int = 1 << 23) -> None:
         self.p = p
         self.gen = generator
-        self.pool = (torch.rand(size, generator=generator) < p).float()
+        self.pool = self._draw(size)
 
-    def mask(self, shape: torch.Size) -> torch.Tensor:
-        n = math.prod(shape)
-        if n > self.pool.numel():
-            return (torch.rand(shape, generator=self.gen) < self.p).float()
+    def _draw(self, size: int) -> torch.Tensor:
+        return (torch.rand(size, generator=self.gen) < self.p).float()
+
+    def mask(self, like: torch.Tensor) -> torch.Tensor:
+        """A mask of ``like``'s shape, laid out in memory as ``like`` is (see ``empty_like``)."""
+        n = like.numel()
+        if 2 * n > self.pool.numel():  # keep at least n + 1 offsets: redraw the pool at twice the mask
+            self.pool = self._draw(2 * n)
         start = int(torch.randint(0, self.pool.numel() - n + 1, (1,), generator=self.gen))
-        return self.pool[start:start + n].view(shape)
+        return in_layout_of(self.pool[start:start + n], like)
 
 
-def keep_mask(shape: torch.Size, p: float, masks: MaskPool | None = None) -> torch.Tensor | None:
-    """QDrop's Bernoulli(``p``) keep-mask, float 1 = stay float; None when ``p <= 0`` (nothing kept)."""
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def in_layout_of(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``flat`` (1-D, ``like.numel()`` values) viewed with ``like``'s shape and memory order.
+
+    For a contiguous ``like`` this is ``flat.view(shape)``; for a channels-last one the values fill
+    memory in the same order, so an elementwise kernel may walk both tensors' memory together.
+    """
+    if _channels_last(like):
+        n, c, h, w = like.shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(like.shape)
+
+
+def memory_order(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` as one vector in memory order (``in_layout_of``'s inverse): a view for
+    contiguous and channels-last tensors, a copy otherwise."""
+    return t.permute(0, 2, 3, 1).reshape(-1) if _channels_last(t) else t.reshape(-1)
+
+
+def keep_mask(like: torch.Tensor, p: float, masks: MaskPool | None = None) -> torch.Tensor | None:
+    """QDrop's Bernoulli(``p``) keep-mask for ``like`` (its shape and memory layout), float 1 = stay
+    float; None when ``p <= 0`` (nothing kept)."""
     if p <= 0.0:
         return None
     if p >= 1.0:
-        return torch.ones(shape)
-    return masks.mask(shape) if masks is not None else (torch.rand(shape) < p).float()
+        return torch.ones_like(like)
+    return masks.mask(like) if masks is not None else (torch.rand_like(like) < p).float()
 
 
 def mix(x: torch.Tensor, xq: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -262,7 +289,7 @@ def qdrop_mix(x: torch.Tensor, xq: torch.Tensor, p: float, masks: MaskPool | Non
         return xq
     if p >= 1.0:
         return x
-    return mix(x, xq, keep_mask(x.shape, p, masks))
+    return mix(x, xq, keep_mask(x, p, masks))
 
 
 class RangeObserver:
@@ -346,7 +373,7 @@ class UniformQuantizer(nn.Module):
 
     def keep_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         """This step's QDrop keep-mask for ``x`` (None when every element is quantized)."""
-        return keep_mask(x.shape, self.drop_prob, self.drop_masks)
+        return keep_mask(x, self.drop_prob, self.drop_masks)
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
