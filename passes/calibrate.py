@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qcompiler.errors import CalibrationDataError, PreconditionError
+from qcompiler.ir import registry
 from qcompiler.ir.passes import Pass, PassResult, require_graph
 from qcompiler.ir.program import Program, call, check_calibration
 
@@ -68,8 +69,37 @@ class Calibrate(Pass):
             except RuntimeError as exc:
                 raise CalibrationDataError(f"activation quantizer {node.name} saw no data") from exc
             q.mode = "quant"
+        widened = self._fit_biases(program) if self.weights else 0
         return PassResult(True, {"weights": sum(1 for _ in program.quantizer_nodes("weight")) if self.weights else 0,
-                                 "activations": len(acts), "batches": len(program.calib)})
+                                 "activations": len(acts), "batches": len(program.calib),
+                                 "widened_for_bias": widened})
+
+    @staticmethod
+    @torch.no_grad()
+    def _fit_biases(program: Program) -> int:
+        """Widen the weight step of output channels whose bias would not fit the int32 accumulator.
+
+        Integer kernels add the bias to the accumulator, at step ``s_in * s_w``. A channel whose
+        weights are all but zero (a "dead" channel after BatchNorm folding) gets a tiny ``s_w`` from
+        its weights, and a bias of a few units is then billions of steps: stored as int32, it is
+        clamped to another value. Such a channel's step is raised to what the bias needs
+        (``BiasQuantizer.headroom_step``); its weights round to zero either way. Returns the number
+        of channels widened.
+        """
+        gm = program.gm
+        widened = 0
+        for node in program.quantizer_nodes("bias"):
+            bq = gm.get_submodule(node.target)
+            _, wq = bq.refs
+            need = bq.headroom_step(registry.get_tensor(gm, str(node.args[0].target)).float())
+            floor = need * wq.store_factor() if wq.scale.dim() else need.max() * wq.store_factor()
+            low = wq.scale < floor
+            if bool(low.any()):
+                widened += int(low.sum())
+                wq.scale.data = torch.where(low, floor, wq.scale)
+                log.info("%s: weight step of %d channel(s) widened so that the bias fits int32",
+                         node.name, int(low.sum()))
+        return widened
 
     def ensures(self, program: Program) -> None:
         for node in [*program.quantizer_nodes("act"), *program.quantizer_nodes("weight")]:

@@ -72,3 +72,39 @@ def test_no_clip_at_8_bits_when_relu_absorbed():
     assert "Relu" not in types  # folded into the quantizer's integer bounds
     assert ort_backend.optimized_op_counts(r.onnx_bytes)["QGemm"] + \
         ort_backend.optimized_op_counts(r.onnx_bytes)["QLinearMatMul"] >= 2
+
+
+class DeadChannel(nn.Module):
+    """A conv whose channel 1 has all-but-zero weights and a bias of 20: what BatchNorm folding leaves of
+    a dead channel (EfficientNet-Lite0's stem has one, with a bias of -5.9)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+        with torch.no_grad():
+            self.conv.weight[1] = torch.randn(3, 3, 3) * 1e-9
+            self.conv.bias[1] = 20.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_a_dead_channels_bias_fits_int32_and_onnx_equals_fake_quant():
+    """The dead channel's weight step would put its bias at about 5e9 accumulator steps, beyond int32:
+    clamped (or wrapped around in the accumulator) in the deployed model. Calibration widens the step."""
+    torch.manual_seed(0)
+    calib = [(torch.randn(8, 3, 8, 8),) for _ in range(2)]
+    r = qcompiler.compile(DeadChannel().eval(), example_inputs=(torch.randn(1, 3, 8, 8),), calib=calib,
+                          bits="w4a4", first_last_8bit=False)
+    assert next(p for p in r.report["passes"] if p["pass"] == "calibrate")["widened_for_bias"] == 1
+    model = onnx.load_from_string(r.onnx_bytes)
+    biases = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT32]
+    assert biases and all(int(np.abs(b).max()) <= 2**24 for b in biases)
+    x = (torch.randn(16, 3, 8, 8),)
+    with torch.no_grad():
+        ref = r.program.gm(*x).numpy()
+    sess = ort_backend.session(r.onnx_bytes)
+    got = sess.run(None, ort_backend.feeds(sess, x))[0]
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max() + 1e-5

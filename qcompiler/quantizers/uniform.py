@@ -460,6 +460,15 @@ class UniformQuantizer(nn.Module):
         return torch.zeros_like(self.zero_point) if self.spec.midrise or self.spec.centered else self.zero_point
 
 
+#: The largest magnitude a stored bias takes: int32, kept to a float32-exact value (2**31 - 1 is not
+#: one; it rounds to 2**31, which overflows the conversion to int32).
+INT32_LIMIT = 2**31 - 128
+#: The largest bias, in accumulator steps, that calibration lets a channel start with (``Calibrate``
+#: widens the weight step of a channel whose bias would exceed it): far inside int32, so the sum of
+#: products still fits and a later smaller activation step (LSQ) cannot push the bias out of range.
+BIAS_HEADROOM = 2**24
+
+
 class BiasQuantizer(nn.Module):
     """Fake-quantizes a bias the way integer kernels store it: int32 with scale ``s_in * s_w``.
 
@@ -482,11 +491,17 @@ class BiasQuantizer(nn.Module):
         if act.mode != "quant" or weight.mode != "quant":
             return b
         s = self.step().expand(b.shape[0]) if weight.scale.dim() == 0 else self.step()
-        return round_ste(b / s) * s
+        return torch.clamp(round_ste(b / s), -INT32_LIMIT, INT32_LIMIT) * s  # as stored, clamp included
+
+    def headroom_step(self, b: torch.Tensor) -> torch.Tensor:
+        """Per output channel, the smallest stored weight step at which ``b`` is at most
+        ``BIAS_HEADROOM`` accumulator steps (with the activation's current step)."""
+        act, _ = self.refs
+        return b.detach().abs() / (act.scale.detach().reshape(()) * BIAS_HEADROOM)
 
     @torch.no_grad()
     def int_repr(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(int32 values, per-channel scale) of the stored bias."""
         s = self.step().detach().float()
         s = s.expand(b.shape[0]).contiguous() if s.dim() == 0 else s
-        return torch.clamp(torch.round(b / s), -(2**31), 2**31 - 1).to(torch.int32), s
+        return torch.clamp(torch.round(b / s), -INT32_LIMIT, INT32_LIMIT).to(torch.int32), s
