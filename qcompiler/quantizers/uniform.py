@@ -465,7 +465,7 @@ class UniformQuantizer(nn.Module):
 INT32_LIMIT = 2**31 - 128
 #: The largest bias, in accumulator steps, that calibration lets a channel start with (``Calibrate``
 #: widens the weight step of a channel whose bias would exceed it): far inside int32, so the sum of
-#: products still fits and a later smaller activation step (LSQ) cannot push the bias out of range.
+#: products still fits, and an activation step that LSQ later shrinks up to 128-fold keeps it in range.
 BIAS_HEADROOM = 2**24
 
 
