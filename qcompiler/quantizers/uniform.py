@@ -225,8 +225,9 @@ class MaskPool:
 
     Drawing a fresh uniform tensor per activation per step costs as much as the convolutions on
     CPU; slices of a large pool (re-offset by the seeded generator every call) are as good for
-    dropping and deterministic for a given seed. Masks are float 0/1 tensors (1 = keep float): on
-    CPU, arithmetic with a float mask is several times faster than ``where`` with a bool one.
+    dropping and deterministic for a given seed. The pool is redrawn, once, at twice the size of a
+    mask larger than half of it. Masks are float 0/1 tensors (1 = keep float): on CPU, arithmetic
+    with a float mask is several times faster than ``where`` with a bool one.
     """
 
     def __init__(self, p: float, generator: torch.Generator, size: int = 1 << 23) -> None:
