@@ -83,7 +83,7 @@ static double run(void *(*fn)(void *), job_t base, int64_t n, int threads) {
     job_t jobs[16];
     pthread_t tid[16];
     int64_t chunk = ((n + threads - 1) / threads + 63) / 64 * 64;
-    int started = 0;
+    int started[16] = {0};
     for (int t = 0; t < threads; ++t) {
         jobs[t] = base;
         jobs[t].begin = t * chunk < n ? t * chunk : n;
@@ -91,11 +91,11 @@ static double run(void *(*fn)(void *), job_t base, int64_t n, int threads) {
         jobs[t].acc = 0.0;
     }
     for (int t = 1; t < threads; ++t)
-        if (pthread_create(&tid[t], 0, fn, &jobs[t]) == 0) started = t; else fn(&jobs[t]);
+        if (pthread_create(&tid[t], 0, fn, &jobs[t]) == 0) started[t] = 1; else fn(&jobs[t]);
     fn(&jobs[0]);
     double acc = jobs[0].acc;
     for (int t = 1; t < threads; ++t) {
-        if (t <= started) pthread_join(tid[t], 0);
+        if (started[t]) pthread_join(tid[t], 0);
         acc += jobs[t].acc;  /* summed in thread order: deterministic for a given thread count */
     }
     return acc;
