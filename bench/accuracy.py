@@ -1,6 +1,6 @@
 """Accuracy of float, fake-quant and ORT models, and ORT vs fake-quant top-1 agreement.
 
-    python bench/accuracy.py [--model FILE.py] [--bits w8a8 w4a4] [--out FILE.md] [KEY=VALUE ...]
+    python bench/accuracy.py [--model FILE.py] [KEY=VALUE ...] [model.KEY=VALUE ...] [--bits w8a8 w4a4] [--out FILE.md]
 
 Each row is one compile with the model file's own evaluate(); the agreement column is computed on
 the same evaluation batches.
@@ -72,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", default=None)
     p.add_argument("--bits", nargs="+", default=["w8a8", "w4a4"], help="put KEY=VALUE options before --bits")
     p.add_argument("--out")
-    p.add_argument("options", nargs="*", help="compile options KEY=VALUE (e.g. a_init=minmax)")
+    p.add_argument("options", nargs="*", help="compile options KEY=VALUE (e.g. a_init=minmax); model.KEY=VALUE "
+                   "goes to the model file's functions (e.g. model.views=2)")
     args = p.parse_args(argv)
     quiet()
     options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.options)}
+    model_args = {k[len("model."):]: v for k, v in options.items() if k.startswith("model.")}
+    options = {k: v for k, v in options.items() if not k.startswith("model.")}
+    if model_args:
+        options["model_args"] = model_args
     rows = []
     for m in args.model or [str(ROOT / "models/resnet_cifar.py")]:
         for bits in args.bits:

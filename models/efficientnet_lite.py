@@ -254,10 +254,42 @@ def preprocess(images: np.ndarray) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-def calibration_data(calib: str | None = None, num: int = 250, batch_size: int = 32) -> list[tuple]:
+def augmented_views(x: torch.Tensor, views: int, seed: int = 0) -> torch.Tensor:
+    """``views`` copies of each image of ``x`` (N, C, H, W), grouped by view: ``views * N`` images.
+
+    View 0 is ``x`` itself, view 1 its horizontal mirror; each further view is a random crop
+    (area 35-100% of the image, aspect ratio 3/4-4/3) resized back to H x W (bilinear, antialiased)
+    and mirrored with probability 1/2. The crops are drawn from a generator seeded with ``seed``,
+    so the same arguments give the same images.
+    """
+    views = int(views)
+    if views < 1:
+        raise ValueError(f"views must be at least 1, got {views}")
+    n, _, h, w = x.shape
+    out = [x, x.flip(-1)][:views]
+    gen = torch.Generator().manual_seed(int(seed))
+    for _ in range(views - len(out)):
+        crops = []
+        for i in range(n):
+            area = h * w * float(torch.empty(1).uniform_(0.35, 1.0, generator=gen))
+            aspect = float(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3), generator=gen).exp())
+            ch = min(h, max(1, round((area / aspect) ** 0.5)))
+            cw = min(w, max(1, round((area * aspect) ** 0.5)))
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+            crop = torch.nn.functional.interpolate(x[i : i + 1, :, top : top + ch, left : left + cw], size=(h, w),
+                                                   mode="bilinear", align_corners=False, antialias=True)
+            crops.append(crop.flip(-1) if bool(torch.rand(1, generator=gen) < 0.5) else crop)
+        out.append(torch.cat(crops))
+    return torch.cat(out)
+
+
+def calibration_data(calib: str | None = None, num: int = 250, batch_size: int = 32, views: int = 1) -> list[tuple]:
     """Return the first ``num`` calibration images as preprocessed batches ``[(x,), ...]``.
 
     Reads ``imagenet-sample/calib250.npz`` from the data directory, or the .npz at ``calib``.
+    ``views`` > 1 adds augmented copies of each image (see :func:`augmented_views`): the 250
+    sample images are few for reconstructing 4-bit weights.
     """
     num, batch_size = int(num), int(batch_size)
     if num <= 0 or batch_size <= 0:
@@ -265,19 +297,22 @@ def calibration_data(calib: str | None = None, num: int = 250, batch_size: int =
     path = Path(calib) if calib else _data_dir() / "imagenet-sample" / "calib250.npz"
     hint = "Set QCOMPILER_DATA to the shared data directory or pass calib=PATH to an .npz file."
     images = _load_npz(path, "calibration data", hint)["images"][:num]
-    return [(preprocess(images[i : i + batch_size]),) for i in range(0, len(images), batch_size)]
+    x = augmented_views(preprocess(images), views)
+    return [(x[i : i + batch_size],) for i in range(0, len(x), batch_size)]
 
 
-def evaluate(run: Callable[[tuple], torch.Tensor], limit: int | None = None, batch_size: int = 50) -> dict:
+def evaluate(run: Callable[[tuple], torch.Tensor], limit: int | None = None, batch_size: int = 50,
+             data: str | None = None) -> dict:
     """Top-1 / top-5 accuracy (percent) of ``run`` on ``imagenet-sample/eval750.npz``.
 
     ``run`` maps a batch tuple ``(x,)`` to logits (N, 1000); ``limit`` evaluates only the first
-    ``limit`` images.
+    ``limit`` images; ``data`` names another .npz with ``images`` and ``labels`` (for example the
+    calibration images, to see how much a quantized model fits them better than unseen ones).
     """
     batch_size = int(batch_size)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    path = _data_dir() / "imagenet-sample" / "eval750.npz"
+    path = Path(data) if data else _data_dir() / "imagenet-sample" / "eval750.npz"
     arrays = _load_npz(path, "evaluation data", "Set QCOMPILER_DATA to the shared data directory.")
     if "labels" not in arrays or len(arrays["labels"]) != len(arrays["images"]):
         raise ValueError(f"{path}: expected key 'labels' with one int64 class index per image")
@@ -298,5 +333,5 @@ def evaluate(run: Callable[[tuple], torch.Tensor], limit: int | None = None, bat
         "top1": 100.0 * top1 / n if n else 0.0,
         "top5": 100.0 * top5 / n if n else 0.0,
         "n": n,
-        "dataset": EVAL_DATASET,
+        "dataset": str(data) if data else EVAL_DATASET,
     }

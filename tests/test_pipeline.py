@@ -178,3 +178,25 @@ def test_efficientnet_lite_every_conv_is_integer_including_depthwise():
     assert counts["QLinearConv"] == 49 and counts["QGemm"] == 1, counts
     assert not set(counts) & ort_backend.FLOAT_COMPUTE
     assert r.checks["agreement"]["top1_agreement"] >= 0.95
+
+
+def test_efficientnet_calibration_views_are_the_image_its_mirror_and_reproducible_crops():
+    from conftest import DATA
+
+    if not (DATA / "imagenet-sample" / "calib250.npz").exists():
+        pytest.skip("../shared/data is not present")
+    from qcompiler.api import load_model_file
+
+    mod = load_model_file(MODELS / "efficientnet_lite.py")
+    one = torch.cat([b[0] for b in mod.calibration_data(num=6, batch_size=4)])
+    four = torch.cat([b[0] for b in mod.calibration_data(num=6, batch_size=4, views=4)])
+    assert four.shape == (24, *one.shape[1:])
+    assert torch.equal(four[:6], one) and torch.equal(four[6:12], one.flip(-1))
+    crops = four[12:]
+    assert torch.equal(crops, torch.cat([b[0] for b in mod.calibration_data(num=6, batch_size=4, views=4)])[12:])
+    assert crops.abs().max() <= one.abs().max() + 1e-6  # bilinear resampling stays within the input's range
+    for c in crops.view(2, 6, *one.shape[1:]).unbind(0):  # each crop differs from its image and its mirror
+        assert all(not torch.allclose(c[i], one[i], atol=1e-2) and not torch.allclose(c[i], one[i].flip(-1), atol=1e-2)
+                   for i in range(6))
+    with pytest.raises(ValueError, match="views"):
+        mod.calibration_data(num=2, views=0)
