@@ -10,8 +10,9 @@ Rule, per unit in graph order (units come from ``partition``):
    element-wise (``where(u < p, fp, q)``) and, inside the unit, keeps each activation float with
    probability ``p``; loss = sum over channels of squared error vs the FP output, averaged, plus
    ``reg_weight`` * the AdaRound regulariser (beta annealed 20 -> 2 after a warm-up). AdaRound
-   alphas use Adam at ``w_lr``; activation step sizes (when activations are quantized in the loop)
-   use Adam at ``a_lr`` with cosine decay. With ``p = 1`` the pipeline calibrates the activations
+   alphas use Adam at ``QConfig.adaround_lr()``; activation step sizes (when activations are
+   quantized in the loop) use Adam at ``QConfig.lsq_lr()`` with cosine decay. Both keep
+   lr x iterations fixed beyond 2000 iterations unless set. With ``p = 1`` the pipeline calibrates the activations
    again afterwards (``recalibrate``).
 3. Harden the rounding, then advance both streams by one forward of the unit.
 
@@ -340,12 +341,12 @@ class Reconstruct(Pass):
         for q in wqs:
             q.alpha.requires_grad_(True)
             q.soft = True
-        opt_w = torch.optim.Adam([q.alpha for q in wqs], lr=cfg.w_lr, fused=True) if wqs else None
+        opt_w = torch.optim.Adam([q.alpha for q in wqs], lr=cfg.adaround_lr(), fused=True) if wqs else None
         opt_a, sched_a = None, None
         if aqs:
             for q in aqs:
                 q.scale.requires_grad_(True)
-            opt_a = torch.optim.Adam([q.scale for q in aqs], lr=cfg.a_lr, fused=True)
+            opt_a = torch.optim.Adam([q.scale for q in aqs], lr=cfg.lsq_lr(), fused=True)
             sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0)
         steps = list(wqs) if cfg.w_step_lr > 0 else []
         opt_s, sched_s = None, None

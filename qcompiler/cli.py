@@ -67,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="reconstruction mini-batch (default 32)")
     p.add_argument("--qdrop", type=float, help="QDrop probability (default 0.5 for qdrop, 1 for adaround/brecq)")
     p.add_argument("--granularity", help="reconstruction units: layer or block (default: the method's)")
-    p.add_argument("--w-lr", type=float, default=1e-2,
-                   help="AdaRound learning rate (default 1e-2, set for 2000 iterations or more; with fewer, raise "
-                        "it so that w_lr x iters stays about 20)")
-    p.add_argument("--a-lr", type=float, default=4e-5, help="LSQ activation step learning rate (default 4e-5)")
+    p.add_argument("--w-lr", type=float,
+                   help="AdaRound learning rate (default 1e-2 up to 2000 iterations, then 1e-2 x 2000 / iters: "
+                        "1e-3 at 20000; with fewer than 2000, raising it so that w_lr x iters is about 20 helps)")
+    p.add_argument("--a-lr", type=float,
+                   help="LSQ activation step learning rate (default 4e-5, scaled like --w-lr beyond 2000 iterations)")
     p.add_argument("--w-step-lr", type=float, default=0.0,
                    help="also learn the weight steps, Adam lr relative to each step (e.g. 1e-3; default 0: fixed)")
     p.add_argument("--cache-mb", type=int, default=4096,

