@@ -11,9 +11,9 @@ Rule, per unit in graph order (units come from ``partition``):
    probability ``p``; loss = sum over channels of squared error vs the FP output, averaged, plus
    ``reg_weight`` * the AdaRound regulariser (beta annealed 20 -> 2 after a warm-up). AdaRound
    alphas use Adam at ``QConfig.adaround_lr()``; activation step sizes (when activations are
-   quantized in the loop) use Adam at ``QConfig.lsq_lr()`` with cosine decay. Both keep
-   lr x iterations fixed beyond 2000 iterations unless set. With ``p = 1`` the pipeline calibrates the activations
-   again afterwards (``recalibrate``).
+   quantized in the loop) use Adam at ``QConfig.lsq_lr()`` with cosine decay; unless set, both keep
+   lr x iterations fixed beyond 2000 iterations. With ``p = 1`` the pipeline calibrates the
+   activations again afterwards (``recalibrate``).
 3. Harden the rounding, then advance both streams by one forward of the unit.
 
 Images are held channels-last (NHWC in memory; convolutions keep that layout, elementwise ops
