@@ -282,8 +282,8 @@ class Reconstruct(Pass):
             q = gm.get_submodule(str(n.target))
             q.scale.requires_grad_(False)
         program.report["reconstruction"] = {"units": records, "seconds": round(time.perf_counter() - t_all, 2),
-                                            "iters": cfg.iters, "qdrop": p,
-                                            "granularity": program.artifacts.get("granularity")}
+                                            "iters": cfg.iters, "qdrop": p, "w_lr": cfg.adaround_lr(),
+                                            "a_lr": cfg.lsq_lr(), "granularity": program.artifacts.get("granularity")}
         return PassResult(True, {"units": len(units), "resumed_after": start})
 
     # -- helpers

@@ -137,6 +137,7 @@ def test_float_activation_methods_calibrate_activations_after_reconstruction():
     names = [p["pass"] for p in r.report["passes"]]
     assert names.index("recalibrate") == names.index("reconstruct") + 1
     assert r.report["reconstruction"]["qdrop"] == 1.0
+    assert (r.report["reconstruction"]["w_lr"], r.report["reconstruction"]["a_lr"]) == (1e-2, 4e-5)  # the rates used
     assert r.checks["integer_kernels"]["ok"] and r.checks["agreement"]["top1_agreement"] >= 0.95
 
 
