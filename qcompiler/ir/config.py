@@ -65,11 +65,10 @@ class QConfig:
     min_agreement: float = 0.95
     iters: int = 20000
     batch_size: int = 32
-    # Learning rates; None: the defaults below, divided by iters / 2000 beyond 2000 iterations so that
-    # lr x iterations stays the same (see adaround_lr). AdaRound's alphas start within about 2.5 of
-    # the rectified sigmoid's ends and Adam moves them by about lr per step: the papers' 1e-3 leaves
-    # most of them where they started in 2000 iterations (ResNet-20 W2A4 qdrop at 2000: 76.7 with
-    # 1e-3, 78.7 with 1e-2, 78.4 with 3e-2; bench/results/recon_resnet20_qdrop2000.md).
+    # None: adaround_lr() / lsq_lr() pick the default for ``iters``. AdaRound's alphas start within
+    # about 2.5 of the rectified sigmoid's ends and Adam moves them by about lr per step: the papers'
+    # 1e-3 leaves most of them where they started in 2000 iterations (ResNet-20 W2A4 qdrop at 2000:
+    # 76.7 with 1e-3, 78.7 with 1e-2, 78.4 with 3e-2; bench/results/recon_resnet20_qdrop2000.md).
     w_lr: float | None = None
     a_lr: float | None = None
     reg_weight: float = 0.01
