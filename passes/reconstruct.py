@@ -49,7 +49,7 @@ from qcompiler.ir.program import Program
 from qcompiler.passes.partition import Unit, _is_param_side
 from qcompiler.quantizers.adaround import AdaRoundQuantizer, BetaSchedule
 from qcompiler.quantizers.lsq import LSQQuantizer
-from qcompiler.quantizers.uniform import BiasQuantizer, MaskPool, in_layout_of, memory_order, qdrop_mix
+from qcompiler.quantizers.uniform import BiasQuantizer, MaskPool, in_layout_of, memory_order, qdrop_mix, take_rows
 
 log = logging.getLogger("qcompiler.reconstruct")
 
@@ -371,10 +371,10 @@ class Reconstruct(Pass):
             try:
                 for it in bar:
                     idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-                    xs = [qdrop_mix(f[idx], q[idx], p, masks) if f.is_floating_point() else q[idx]
-                          for f, q in zip(fp_in, q_in, strict=True)]
+                    xs = [qdrop_mix(take_rows(f, idx), take_rows(q, idx), p, masks) if f.is_floating_point()
+                          else take_rows(q, idx) for f, q in zip(fp_in, q_in, strict=True)]
                     out = sub(*xs)[0]
-                    loss = _rec_loss(out, fp_out[idx])
+                    loss = _rec_loss(out, take_rows(fp_out, idx))
                     beta, reg_on = beta_of(it)
                     if reg_on and wqs:
                         loss = loss + cfg.reg_weight * sum(q.regularizer(beta) for q in wqs)

@@ -322,3 +322,15 @@ def test_centered_asymmetric_grid_deploys_with_zero_zero_point(bits: int, halves
     r.mode = "quant"
     err = lambda m: (m(w) - w).abs().pow(2.4).reshape(6, -1).mean(1)  # noqa: E731
     assert float(err(q).sum()) <= float(err(r).sum())
+
+
+def test_take_rows_equals_indexing_in_the_same_layout() -> None:
+    from qcompiler.quantizers.uniform import take_rows
+
+    idx = torch.tensor([3, 0, 3, 5])
+    for t in (torch.randn(6, 4, 3, 5).contiguous(memory_format=torch.channels_last), torch.randn(6, 4, 3, 5),
+              torch.randn(6, 7), torch.randn(6, 4, 3, 5)[:, :, 1:]):
+        got, ref = take_rows(t, idx), t[idx]
+        assert torch.equal(got, ref)
+        assert got.is_contiguous(memory_format=torch.channels_last) == t.is_contiguous(
+            memory_format=torch.channels_last)
