@@ -1,11 +1,14 @@
 """Where reconstruction spends its time, per unit, against the cost of its convolutions.
 
-    python bench/profile_recon.py [--model models/resnet_cifar.py] [--iters 200] [--bits w4a4] [--cprofile 15]
+    python bench/profile_recon.py [--model models/resnet_cifar.py] [--iters 200] [--bits w4a4] [--batch-size 32]
+                                  [--cprofile 15]
 
-For each unit it prints the measured time per training iteration (QDrop, batch 32; the unit's two
+For each unit it prints the measured time per training iteration (QDrop, batch ``--batch-size``; the unit's two
 loss evaluations included) next to the *floor*: one float forward and backward of the same unit at
 the same batch, quantizers off, gradients to the weights only (what any reconstruction must at least
 pay). Floors are medians of 20 repetitions measured after the run, in the same process.
+``--batch-size 1`` leaves the part of a step that does not depend on the data (operator dispatch,
+autograd, optimizer). The seconds of every pass before reconstruction (calibration) are printed last.
 ``--cprofile N`` also prints the N functions with the most own time.
 """
 
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(ROOT / "models/resnet_cifar.py"))
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--bits", default="w4a4")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cprofile", type=int, default=0, metavar="N")
     args = p.parse_args(argv)
     quiet()
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if prof:
         prof.enable()
     r = qcompiler.compile(args.model, bits=args.bits, method="qdrop", iters=args.iters,
-                          stop_after="reconstruct")
+                          batch_size=args.batch_size, stop_after="reconstruct")
     if prof:
         prof.disable()
     gm, units = r.program.gm, r.program.artifacts["units"]
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         tot, tot_floor = tot + ms, tot_floor + fl
         print(f"| {unit.name} | {ms:.1f} | {fl:.1f} | {ms / fl:.2f} |")
     print(f"| all | {tot:.1f} | {tot_floor:.1f} | {tot / tot_floor:.2f} |")
+    print("\n" + ", ".join(f"{x['pass']} {x['seconds']:.2f} s" for x in r.report["passes"] if x["pass"] != "reconstruct"))
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.cprofile)
     return 0
