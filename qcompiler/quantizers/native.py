@@ -24,8 +24,7 @@ import torch
 log = logging.getLogger("qcompiler.native")
 
 SOURCE = Path(__file__).with_name("csrc") / "lsq.c"
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared",
-         "-pthread"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared"]
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -55,10 +54,10 @@ def _build() -> ctypes.CDLL:
                            check=True, capture_output=True, timeout=120)
             os.replace(out, lib)  # atomic: concurrent builders cannot leave a half-written library
     dll = ctypes.CDLL(str(lib))
-    f32p, u8p, i64, f32, cint = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int)
-    dll.qc_lsq_forward.argtypes = [f32p, f32p, f32p, u8p, i64, f32, f32, f32, cint]
+    f32p, u8p, i64, f32 = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    dll.qc_lsq_forward.argtypes = [f32p, f32p, f32p, u8p, i64, f32, f32, f32]
     dll.qc_lsq_forward.restype = None
-    dll.qc_lsq_backward.argtypes = [f32p, f32p, u8p, f32p, i64, f32, f32, f32, cint]
+    dll.qc_lsq_backward.argtypes = [f32p, f32p, u8p, f32p, i64, f32, f32, f32]
     dll.qc_lsq_backward.restype = ctypes.c_double
     return dll
 
@@ -97,7 +96,7 @@ def lsq_forward(x: torch.Tensor, keep: torch.Tensor | None, s: float, lo: float,
     out = torch.empty_like(x)
     code = torch.empty_like(x, dtype=torch.uint8)
     lib.qc_lsq_forward(x.data_ptr(), keep.data_ptr() if keep is not None else None, out.data_ptr(),
-                       code.data_ptr(), x.numel(), s, lo, hi, torch.get_num_threads())
+                       code.data_ptr(), x.numel(), s, lo, hi)
     return out, code
 
 
@@ -108,6 +107,5 @@ def lsq_backward(g: torch.Tensor, x: torch.Tensor, code: torch.Tensor, s: float,
     if g.stride() != x.stride():  # walk g's memory in x's order
         g = torch.empty_like(x).copy_(g)
     gx = torch.empty_like(g)
-    gs = lib.qc_lsq_backward(g.data_ptr(), x.data_ptr(), code.data_ptr(), gx.data_ptr(), x.numel(), s, lo, hi,
-                             torch.get_num_threads())
+    gs = lib.qc_lsq_backward(g.data_ptr(), x.data_ptr(), code.data_ptr(), gx.data_ptr(), x.numel(), s, lo, hi)
     return gx, gs

@@ -7,33 +7,21 @@
  *
  * The same arithmetic as the torch composition (x / s in float, rint under the default rounding
  * mode), so values are bit-identical; one pass over memory each way instead of a dozen, which is
- * what reconstruction on a CPU is bound by. Work is split over `threads` POSIX threads.
+ * what reconstruction on a CPU is bound by. A call runs in the calling thread only: torch's OpenMP
+ * workers spin-wait for a while after every parallel region, so a helper thread started here shared a
+ * core with a spinning worker, and both the kernel and the operations around it ran slower
+ * (bench/profile_recon.py measures the whole step).
  * Built with -fno-trapping-math (as torch itself is) and -fopenmp-simd: without the first GCC keeps
  * the clamp's compares as branches, without the second it does not vectorise the backward's sum;
  * either way the loops run many times slower.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 
-typedef struct {
-    const float *x, *keep, *g;
-    float *out, *gx;
-    uint8_t *code;
-    int64_t begin, end;
-    float s, lo, hi;
-    double acc;
-} job_t;
-
-static void *forward_job(void *arg) {
-    job_t *j = (job_t *)arg;
-    const float s = j->s, lo = j->lo, hi = j->hi;
-    const float *restrict x = j->x, *restrict keep = j->keep;
-    float *restrict out = j->out;
-    uint8_t *restrict code = j->code;
-    const int64_t b = j->begin, e = j->end;
+void qc_lsq_forward(const float *restrict x, const float *restrict keep, float *restrict out, uint8_t *restrict code,
+                    int64_t n, float s, float lo, float hi) {
     if (keep) {
-        for (int64_t i = b; i < e; ++i) {
+        for (int64_t i = 0; i < n; ++i) {
             float r = rintf(x[i] / s);
             float q = r < lo ? lo : r;
             q = q > hi ? hi : q;
@@ -42,7 +30,7 @@ static void *forward_job(void *arg) {
             code[i] = (uint8_t)(k != 0.0f ? 2 : (q != r));
         }
     } else {
-        for (int64_t i = b; i < e; ++i) {
+        for (int64_t i = 0; i < n; ++i) {
             float r = rintf(x[i] / s);
             float q = r < lo ? lo : r;
             q = q > hi ? hi : q;
@@ -50,18 +38,13 @@ static void *forward_job(void *arg) {
             code[i] = (uint8_t)(q != r);
         }
     }
-    return 0;
 }
 
-static void *backward_job(void *arg) {
-    job_t *j = (job_t *)arg;
-    const float s = j->s, lo = j->lo, hi = j->hi;
-    const float *restrict x = j->x, *restrict gr = j->g;
-    const uint8_t *restrict code = j->code;
-    float *restrict gx = j->gx;
+double qc_lsq_backward(const float *restrict gr, const float *restrict x, const uint8_t *restrict code,
+                       float *restrict gx, int64_t n, float s, float lo, float hi) {
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t i = j->begin; i < j->end; ++i) {
+    for (int64_t i = 0; i < n; ++i) {
         float v = x[i] / s;
         float r = rintf(v);
         float q = r < lo ? lo : r;
@@ -73,42 +56,5 @@ static void *backward_job(void *arg) {
         gx[i] = c == 1.0f ? 0.0f : g;
         acc += g_quant * (q - v_inside);
     }
-    j->acc = acc;
-    return 0;
-}
-
-static double run(void *(*fn)(void *), job_t base, int64_t n, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > 16) threads = 16;
-    job_t jobs[16];
-    pthread_t tid[16];
-    int64_t chunk = ((n + threads - 1) / threads + 63) / 64 * 64;
-    int started[16] = {0};
-    for (int t = 0; t < threads; ++t) {
-        jobs[t] = base;
-        jobs[t].begin = t * chunk < n ? t * chunk : n;
-        jobs[t].end = (t + 1) * chunk < n ? (t + 1) * chunk : n;
-        jobs[t].acc = 0.0;
-    }
-    for (int t = 1; t < threads; ++t)
-        if (pthread_create(&tid[t], 0, fn, &jobs[t]) == 0) started[t] = 1; else fn(&jobs[t]);
-    fn(&jobs[0]);
-    double acc = jobs[0].acc;
-    for (int t = 1; t < threads; ++t) {
-        if (started[t]) pthread_join(tid[t], 0);
-        acc += jobs[t].acc;  /* summed in thread order: deterministic for a given thread count */
-    }
     return acc;
-}
-
-void qc_lsq_forward(const float *x, const float *keep, float *out, uint8_t *code, int64_t n, float s, float lo,
-                    float hi, int threads) {
-    job_t b = {x, keep, 0, out, 0, code, 0, 0, s, lo, hi, 0.0};
-    run(forward_job, b, n, threads);
-}
-
-double qc_lsq_backward(const float *g, const float *x, const uint8_t *code, float *gx, int64_t n, float s, float lo,
-                       float hi, int threads) {
-    job_t b = {x, 0, g, 0, gx, (uint8_t *)code, 0, 0, s, lo, hi, 0.0};
-    return run(backward_job, b, n, threads);
 }
