@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import tempfile
 import time
@@ -341,21 +342,30 @@ class Reconstruct(Pass):
         for q in wqs:
             q.alpha.requires_grad_(True)
             q.soft = True
-        opt_w = torch.optim.Adam([q.alpha for q in wqs], lr=cfg.adaround_lr(), fused=True) if wqs else None
-        opt_a, sched_a = None, None
+        # One optimizer, a parameter group per learning rate: alphas at a constant rate, step sizes
+        # (activations; weights with ``w_step_lr``, relative to each quantizer's mean step) decayed
+        # along a cosine to 0. One ``step`` call per iteration: its Python overhead is per call.
+        groups, decays = [], []
+        if wqs:
+            groups.append({"params": [q.alpha for q in wqs], "lr": cfg.adaround_lr()})
+            decays.append(False)
+        for q in aqs:
+            q.scale.requires_grad_(True)
         if aqs:
-            for q in aqs:
-                q.scale.requires_grad_(True)
-            opt_a = torch.optim.Adam([q.scale for q in aqs], lr=cfg.lsq_lr(), fused=True)
-            sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0)
+            groups.append({"params": [q.scale for q in aqs], "lr": cfg.lsq_lr()})
+            decays.append(True)
         steps = list(wqs) if cfg.w_step_lr > 0 else []
-        opt_s, sched_s = None, None
-        if steps:  # learned weight steps: each quantizer's lr is relative to its mean step
-            for q in steps:
-                q.scale.requires_grad_(True)
-            opt_s = torch.optim.Adam([{"params": [q.scale], "lr": cfg.w_step_lr * float(q.scale.detach().abs().mean())}
-                                      for q in steps], fused=True)
-            sched_s = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=cfg.iters, eta_min=0.0)
+        for q in steps:
+            q.scale.requires_grad_(True)
+            groups.append({"params": [q.scale], "lr": cfg.w_step_lr * float(q.scale.detach().abs().mean())})
+            decays.append(True)
+        opt = torch.optim.Adam(groups, fused=True) if groups else None
+        sched = None
+        if any(decays):
+            def cosine(it: int) -> float:
+                return 0.5 * (1.0 + math.cos(math.pi * min(it, cfg.iters) / cfg.iters))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine if d else (lambda it: 1.0) for d in decays])
         acts = _quantizers(gm, sub, "act")
         saved = self._set_modes(gm, sub, "quant")
         masks = MaskPool(p, gen) if 0.0 < p < 1.0 else None
@@ -378,16 +388,13 @@ class Reconstruct(Pass):
                     beta, reg_on = beta_of(it)
                     if reg_on and wqs:
                         loss = loss + cfg.reg_weight * sum(q.regularizer(beta) for q in wqs)
-                    for opt in (opt_w, opt_a, opt_s):
-                        if opt is not None:
-                            opt.zero_grad(set_to_none=True)
+                    if opt is not None:
+                        opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    for opt in (opt_w, opt_a, opt_s):
-                        if opt is not None:
-                            opt.step()
-                    for sched in (sched_a, sched_s):
-                        if sched is not None:
-                            sched.step()
+                    if opt is not None:
+                        opt.step()
+                    if sched is not None:
+                        sched.step()
                     for q in (*aqs, *steps):  # keep step sizes positive
                         q.scale.data.clamp_(min=1e-8)
                     if it % 100 == 0:
