@@ -349,9 +349,9 @@ class Reconstruct(Pass):
         if wqs:
             groups.append({"params": [q.alpha for q in wqs], "lr": cfg.adaround_lr()})
             decays.append(False)
-        for q in aqs:
-            q.scale.requires_grad_(True)
         if aqs:
+            for q in aqs:
+                q.scale.requires_grad_(True)
             groups.append({"params": [q.scale for q in aqs], "lr": cfg.lsq_lr()})
             decays.append(True)
         steps = list(wqs) if cfg.w_step_lr > 0 else []
