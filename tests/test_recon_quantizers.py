@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from qcompiler.quantizers import lsq
 from qcompiler.quantizers.adaround import AdaRoundQuantizer, BetaSchedule, rectified_sigmoid
 from qcompiler.quantizers.lsq import LSQQuantizer
 from qcompiler.quantizers.uniform import MaskPool, QSpec, UniformQuantizer, fake_quant, search_range
@@ -239,6 +242,40 @@ def test_native_lsq_kernel_equals_torch_composition(with_keep: bool, channels_la
     assert torch.equal(o1, o2)
     assert torch.equal(gx1, gx2)
     torch.testing.assert_close(gs1, gs2, rtol=1e-5, atol=1e-7)
+
+
+def test_native_lsq_kernel_splits_work_without_changing_results() -> None:
+    """On a tensor of many blocks the kernels share the work among torch's threads; the values, and
+    the step's gradient (summed per block, then in block order), do not depend on how many."""
+    from qcompiler.quantizers import native
+
+    if native.library() is None:
+        pytest.skip("native kernels off or no C compiler: the torch composition is used")
+    gen = torch.Generator().manual_seed(13)
+    x = (torch.randn(8, 16, 24, 24, generator=gen) * 0.7).contiguous(memory_format=torch.channels_last)
+    keep = MaskPool(0.5, gen, size=1 << 18).mask(x)
+    g = torch.randn(x.shape, generator=gen)
+    assert native.library().qc_lsq_blocks(x.numel()) > 4
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out, code = native.lsq_forward(x, keep, 0.0625, -2.0, 13.0)
+            gx, gs = native.lsq_backward(g, x, code, 0.0625, -2.0, 13.0)
+            results.append((out, code, gx, gs))
+    finally:
+        torch.set_num_threads(threads)
+    for out, code, gx, gs in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(code, results[0][1])
+        assert torch.equal(gx, results[0][2]) and gs == results[0][3]
+    # Against the torch composition: the same output, gradient, and step gradient up to summation order.
+    xi = x.detach().clone().requires_grad_(True)
+    si = torch.tensor(0.0625, requires_grad=True)
+    ref = lsq._LSQFakeQuant.apply(xi, si, -2.0, 13.0, 1.0, None, keep)
+    (ref * g).sum().backward()
+    assert torch.equal(ref.detach(), results[0][0]) and torch.equal(xi.grad, results[0][2])
+    assert math.isclose(float(si.grad), results[0][3], rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [2, 4])

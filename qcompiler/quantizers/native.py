@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger("qcompiler.native")
 
 SOURCE = Path(__file__).with_name("csrc") / "lsq.c"
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -57,8 +57,10 @@ def _build() -> ctypes.CDLL:
     f32p, u8p, i64, f32 = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     dll.qc_lsq_forward.argtypes = [f32p, f32p, f32p, u8p, i64, f32, f32, f32]
     dll.qc_lsq_forward.restype = None
-    dll.qc_lsq_backward.argtypes = [f32p, f32p, u8p, f32p, i64, f32, f32, f32]
+    dll.qc_lsq_backward.argtypes = [f32p, f32p, u8p, f32p, f32p, i64, f32, f32, f32]
     dll.qc_lsq_backward.restype = ctypes.c_double
+    dll.qc_lsq_blocks.argtypes = [i64]
+    dll.qc_lsq_blocks.restype = i64
     return dll
 
 
@@ -107,5 +109,7 @@ def lsq_backward(g: torch.Tensor, x: torch.Tensor, code: torch.Tensor, s: float,
     if g.stride() != x.stride():  # walk g's memory in x's order
         g = torch.empty_like(x).copy_(g)
     gx = torch.empty_like(g)
-    gs = lib.qc_lsq_backward(g.data_ptr(), x.data_ptr(), code.data_ptr(), gx.data_ptr(), x.numel(), s, lo, hi)
+    part = torch.empty(lib.qc_lsq_blocks(x.numel()))
+    gs = lib.qc_lsq_backward(g.data_ptr(), x.data_ptr(), code.data_ptr(), gx.data_ptr(), part.data_ptr(), x.numel(),
+                             s, lo, hi)
     return gx, gs
