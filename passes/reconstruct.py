@@ -383,11 +383,13 @@ class Reconstruct(Pass):
                     idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
                     xs = [qdrop_mix(take_rows(f, idx), take_rows(q, idx), p, masks) if f.is_floating_point()
                           else take_rows(q, idx) for f, q in zip(fp_in, q_in, strict=True)]
+                    beta, reg_on = beta_of(it)
+                    for q in wqs:  # the forward leaves each layer's regulariser in q.reg
+                        q.reg_beta = beta if reg_on else None
                     out = sub(*xs)[0]
                     loss = _rec_loss(out, take_rows(fp_out, idx))
-                    beta, reg_on = beta_of(it)
                     if reg_on and wqs:
-                        loss = loss + cfg.reg_weight * sum(q.regularizer(beta) for q in wqs)
+                        loss = loss + cfg.reg_weight * sum(q.reg for q in wqs)
                     if opt is not None:
                         opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -409,6 +411,8 @@ class Reconstruct(Pass):
                 for q in acts:
                     q.drop_prob = 0.0
                     q.drop_masks = None
+                for q in wqs:
+                    q.reg_beta, q.reg = None, None
                 for q, m in saved:
                     q.mode = m
         for q in wqs:

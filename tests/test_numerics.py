@@ -97,6 +97,42 @@ def test_bias_quantizer_uses_accumulator_grid():
     torch.testing.assert_close(bq(b), ints.float() * s)
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_bias_quantizer_fused_function_matches_straight_through_composition(per_channel: bool):
+    """One autograd node gives the values of ``clamp(round_ste(b / s)) * s`` bit for bit, and its
+    gradients to the bias and to both steps (the activation's, LSQ-trained, and a trained weight
+    step), also for a bias clamped at the int32 limit."""
+    from qcompiler.quantizers.uniform import INT32_LIMIT, round_ste
+
+    a = UniformQuantizer(QSpec(4, False, False))
+    a.set_range(torch.tensor(0.0), torch.tensor(1.5))
+    w = UniformQuantizer(QSpec(4, True, True, 0 if per_channel else None), 5 if per_channel else None)
+    hi = torch.linspace(0.5, 1.0, 5) if per_channel else torch.tensor(0.7)
+    w.set_range(-hi, hi)
+    a.mode = w.mode = "quant"
+    bq = BiasQuantizer(a, w)
+    b = torch.tensor([0.1234, -0.5, 3.3, 0.0, 1e9])  # the last one clamps at the int32 limit
+    upstream = torch.tensor([0.3, -1.2, 0.7, 2.0, 1e-8])  # the clamped term about as large as the others
+    results = []
+    for fused in (True, False):
+        bi = b.clone().requires_grad_(True)
+        for t in (a.scale, w.scale):
+            t.grad = None
+            t.requires_grad_(True)
+        if fused:
+            out = bq(bi)
+        else:
+            s = bq.step().expand(5) if not per_channel else bq.step()
+            out = torch.clamp(round_ste(bi / s), -INT32_LIMIT, INT32_LIMIT) * s
+        (out * upstream).sum().backward()
+        results.append((out.detach(), bi.grad, a.scale.grad.clone(), w.scale.grad.clone()))
+    (o1, *g1), (o2, *g2) = results
+    assert torch.equal(o1, o2)
+    assert float(results[0][1][4]) == 0.0  # clamped: no gradient to the bias
+    for x, y in zip(g1, g2, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
 def test_folding_a_clamp_into_quantizer_bounds_is_exact():
     """clamp(round(clip(x, a, b) / s) + z) == clamp(round(x / s) + z, round(a/s)+z, round(b/s)+z)."""
     torch.manual_seed(0)

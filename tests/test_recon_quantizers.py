@@ -133,6 +133,44 @@ def test_adaround_gradient_reaches_alpha_in_soft_mode() -> None:
     assert bool((ada.alpha.grad[inner] != 0).any())
 
 
+@pytest.mark.parametrize("grid", ["asymmetric", "symmetric", "midrise"])
+def test_adaround_fused_soft_weight_and_regulariser_match_composition(grid: str) -> None:
+    """The soft forward (one autograd node that also leaves the regulariser in ``reg``) gives the
+    values of the composition of ``rectified_sigmoid``, clamp and ``regularizer`` bit for bit, and
+    their gradients, to alpha and to a trained weight step, also where h or the level is clamped."""
+    q, w = _weight_quantizer(symmetric=grid != "asymmetric", method="mse", midrise=grid == "midrise")
+    ada = AdaRoundQuantizer.from_quantizer(q, w)
+    gen = torch.Generator().manual_seed(5)
+    ada.alpha.data = ada.alpha.data + torch.randn(w.shape, generator=gen) * 4.0  # h saturates at 0 and 1
+    w = w * 1.3  # some levels clamp at qmin / qmax
+    upstream = torch.randn(w.shape, generator=gen)
+    results = []
+    for fused in (True, False):
+        ada.alpha.grad, ada.scale.grad = None, None
+        ada.alpha.requires_grad_(True)
+        ada.scale.requires_grad_(True)
+        ada.soft, ada._base = True, None
+        if fused:
+            ada.reg_beta = 7.0
+            out = ada(w)
+            reg = ada.reg
+        else:
+            floor, zi = ada._grid(w)
+            s = ada.scale[:, None, None, None]
+            z = ada.zero_point[:, None, None, None]
+            out = ada._value(torch.clamp(floor + zi + rectified_sigmoid(ada.alpha), q.qmin, q.qmax), s, z)
+            reg = ada.regularizer(7.0)
+        ((out * upstream).sum() + 0.3 * reg).backward()
+        results.append((out.detach(), reg.detach(), ada.alpha.grad.clone(), ada.scale.grad.clone()))
+    (o1, r1, ga1, gs1), (o2, r2, ga2, gs2) = results
+    assert torch.equal(o1, o2) and torch.equal(r1, r2)
+    assert bool((ga2 != 0).any()) and bool((ga2 == 0).any())  # both the passing and the clamped cases
+    torch.testing.assert_close(ga1, ga2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gs1, gs2, rtol=1e-5, atol=1e-6)
+    ada.harden()
+    assert ada.reg is None and ada.reg_beta is None
+
+
 def _act_quantizer(signed: bool) -> UniformQuantizer:
     bits = 8 if signed else 4
     q = UniformQuantizer(QSpec(bits, signed=signed, symmetric=False))

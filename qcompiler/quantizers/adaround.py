@@ -40,6 +40,54 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
+class _SoftRound(torch.autograd.Function):
+    """The soft weight ``(clamp(base + h(alpha), qmin, qmax) + offset) * s`` and, when ``beta`` is
+    given, the regulariser ``sum(1 - |2 h(alpha) - 1| ** beta)``, as one autograd node.
+
+    The same values as composing ``rectified_sigmoid``, ``clamp`` and ``regularizer`` from autograd's
+    ops, bit for bit, and the same gradients up to the order of products. Composed, the two made
+    about forty small operations per layer and step (forward and backward), each costing its
+    dispatch on weight tensors of a few thousand elements; here they are a dozen, with ``h`` computed
+    once for both.
+    """
+
+    @staticmethod
+    def forward(ctx, alpha, base, s, offset, qmin, qmax, beta):
+        sig = torch.sigmoid(alpha)
+        hu = sig * (ZETA - GAMMA) + GAMMA
+        h = torch.clamp(hu, 0.0, 1.0)
+        t = base + h
+        level = torch.clamp(t, qmin, qmax) + offset
+        w = level * s
+        pass_h = (hu >= 0.0) & (hu <= 1.0)  # where clamp's gradient passes, bounds included (as torch's)
+        pass_t = (t >= qmin) & (t <= qmax)
+        reg, d = None, None
+        if beta is not None:
+            d = (2.0 * h - 1.0).abs()
+            reg = (1.0 - d.pow(beta)).sum()
+        ctx.save_for_backward(sig, pass_h, pass_t, level, s, h, d)
+        ctx.beta = beta
+        return w, reg
+
+    @staticmethod
+    def backward(ctx, gw, greg):
+        sig, pass_h, pass_t, level, s, h, d = ctx.saved_tensors
+        gh = gw * s * pass_t
+        if greg is not None and ctx.beta is not None:
+            # d/dh (1 - |2h - 1| ** beta) = -2 beta |2h - 1| ** (beta - 1) sign(2h - 1)
+            gh = gh - greg * (2.0 * ctx.beta) * d.pow(ctx.beta - 1.0) * torch.sign(2.0 * h - 1.0)
+        galpha = gh * pass_h * (ZETA - GAMMA) * (sig * (1.0 - sig))
+        gs = None
+        if ctx.needs_input_grad[2]:  # a trained weight step (``w_step_lr``): summed to s's shape
+            gs = gw * level
+            if s.dim() == 0:
+                gs = gs.sum()
+            else:
+                dims = [k for k in range(gs.dim()) if s.shape[k] == 1 < gs.shape[k]]
+                gs = gs.sum(dims, keepdim=True) if dims else gs
+        return galpha, None, gs, None, None, None, None
+
+
 def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
     """A ``V`` with ``h(V) = h`` for ``h`` in (0, 1); ``h`` is first clamped to ``[EPS, 1 - EPS]``."""
     h = torch.clamp(h, EPS, 1.0 - EPS)
@@ -65,7 +113,11 @@ class AdaRoundQuantizer(UniformQuantizer):
         # integers are read with, starts equal and may be trained (``w_step_lr``).
         self.register_buffer("grid_scale", torch.ones_like(self.scale.data))
         self.soft = False
-        self._base: torch.Tensor | None = None  # floor(w / s) + z, cached while soft
+        self._base: tuple[torch.Tensor, torch.Tensor | float] | None = None  # (floor(w / s) + zi, offset), while soft
+        # While soft: with ``reg_beta`` set, each forward also leaves ``regularizer(reg_beta)`` of the
+        # same h in ``reg`` (one autograd node computes both; the trainer adds it to its loss).
+        self.reg_beta: float | None = None
+        self.reg: torch.Tensor | None = None
 
     @classmethod
     def from_quantizer(cls, q: UniformQuantizer, w: torch.Tensor) -> AdaRoundQuantizer:
@@ -130,13 +182,17 @@ class AdaRoundQuantizer(UniformQuantizer):
         if self.mode != "quant":
             return super().forward(w)
         if self.soft:
-            # The weight and its grid do not change while the rounding is learned: floor once.
-            if self._base is None or self._base.shape != w.shape:
+            # The weight, its grid and the zero point do not change while the rounding is learned:
+            # floor once. ``_value``'s ``(q - z) * s`` or ``(q + 1/2) * s`` is ``(q + offset) * s``.
+            if self._base is None or self._base[0].shape != w.shape:
                 floor, zi = self._grid(w)
-                self._base = (floor + zi).detach()
+                offset = 0.5 if self.spec.midrise else -_bcast(self.zero_point, w, self.spec.axis).detach()
+                self._base = ((floor + zi).detach(), offset)
+            base, offset = self._base
             s = _bcast(self.scale, w, self.spec.axis)
-            z = _bcast(self.zero_point, w, self.spec.axis)
-            return self._value(torch.clamp(self._base + rectified_sigmoid(self.alpha), self.qmin, self.qmax), s, z)
+            out, self.reg = _SoftRound.apply(self.alpha, base, s, offset, float(self.qmin), float(self.qmax),
+                                             self.reg_beta)
+            return out
         s = _bcast(self.scale, w, self.spec.axis)
         z = _bcast(self.zero_point, w, self.spec.axis)
         return self._value(self._hard_int(w), s, z)
@@ -150,6 +206,8 @@ class AdaRoundQuantizer(UniformQuantizer):
         """Switch the forward to the hard rounding ``floor(w / s) + [alpha >= 0]``."""
         self.soft = False
         self._base = None
+        self.reg_beta = None
+        self.reg = None
 
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
