@@ -1,8 +1,9 @@
-"""What every bench script shares: quiet logs and how a result table is written."""
+"""What every bench script shares: quiet logs, the machine a result came from, and how a table is written."""
 
 from __future__ import annotations
 
 import logging
+import platform
 import sys
 from pathlib import Path
 
@@ -17,8 +18,39 @@ def quiet() -> None:
     logging.getLogger("qcompiler").setLevel(logging.ERROR)
 
 
+def machine() -> str:
+    """The CPU and thread count a timing or result comes from.
+
+    Sessions here do not always get the same processor: an AVX2 EPYC on some days, an AVX-512
+    (VNNI) one on others, and the same compile took 245 s on one and 409 s on the other. Different
+    kernels also sum in a different order, so even accuracies move. Compare figures only when they
+    carry the same line.
+    """
+    import torch
+
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    if "avx512f" in flags:
+        isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512"
+    else:
+        isa = "AVX2" if "avx2" in flags else platform.machine()
+    name = info.get("model name", platform.processor() or platform.machine())
+    model = f" (family {info['cpu family']} model {info['model']})" if "cpu family" in info else ""
+    return f"{name}{model}, {isa}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
 def emit(table: str, out: str | None) -> None:
-    """Print the Markdown table, and write it to ``out`` when given."""
+    """Print the Markdown table and the machine it was measured on; write both to ``out`` when given."""
+    table = f"{table}\nMachine: {machine()}\n"
     print(table)
     sys.stdout.flush()
     if out:

@@ -20,7 +20,7 @@ import pstats
 import sys
 import time
 
-from common import ROOT, quiet
+from common import ROOT, machine, quiet
 
 
 def floor_ms(gm, unit, batch: int, reps: int = 20) -> float:
@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         tot, tot_floor = tot + ms, tot_floor + fl
         print(f"| {unit.name} | {ms:.1f} | {fl:.1f} | {ms / fl:.2f} |")
     print(f"| all | {tot:.1f} | {tot_floor:.1f} | {tot / tot_floor:.2f} |")
-    print("\n" + ", ".join(f"{x['pass']} {x['seconds']:.2f} s" for x in r.report["passes"] if x["pass"] != "reconstruct"))
+    passes = r.report["passes"]
+    print("\n" + ", ".join(f"{x['pass']} {x['seconds']:.2f} s" for x in passes if x["pass"] != "reconstruct"))
+    print(f"Machine: {machine()}")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.cprofile)
     return 0
