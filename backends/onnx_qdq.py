@@ -159,7 +159,8 @@ def build_deploy_graph(program: Program) -> tuple[fx.GraphModule, dict]:
                 const = QdqConstant(ints, s, torch.zeros_like(s), 0)
             else:
                 ints = q.int_repr(value).to(torch.int8 if q.spec.signed else torch.uint8)
-                const = QdqConstant(ints, q.stored_scale(), q.stored_zero_point(), q.spec.axis if q.spec.axis is not None else 0)
+                axis = q.spec.axis if q.spec.axis is not None else 0
+                const = QdqConstant(ints, q.stored_scale(), q.stored_zero_point(), axis)
             _to_constant(gm, node, const)
             stats["int_biases" if which == "bias" else "int_weights"] += 1
     for node in list(gm.graph.nodes):

@@ -3,9 +3,12 @@
 Reconstruction on a CPU is bound by memory traffic, not arithmetic: LSQ fake quantization composed
 from torch's elementwise ops (divide, round, clamp, multiply, mix, and their backwards) makes about a
 dozen passes over every activation per step. ``csrc/lsq.c`` does the forward and the backward in one
-pass each. The library is compiled once per source version and CPU into ``$QCOMPILER_CACHE``
-(default ``~/.cache/qcompiler``); without a working ``cc`` every caller falls back to the torch composition,
-which computes the same values (a test checks both paths agree), only slower.
+pass each, on torch's OpenMP threads: built with ``-fopenmp`` by GCC and loaded after torch, it binds
+to the ``libgomp.so.1`` torch brought (a compiler with another OpenMP runtime would start a second
+pool of threads, which competes with torch's). The library is compiled once per source version and
+CPU into ``$QCOMPILER_CACHE`` (default ``~/.cache/qcompiler``); without a working ``cc`` every
+caller falls back to the torch composition, which computes the same values (a test checks both
+paths agree), only slower.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def lsq_backward(g: torch.Tensor, x: torch.Tensor, code: torch.Tensor, s: float,
     if g.stride() != x.stride():  # walk g's memory in x's order
         g = torch.empty_like(x).copy_(g)
     gx = torch.empty_like(g)
-    part = torch.empty(lib.qc_lsq_blocks(x.numel()))
+    part = torch.empty(lib.qc_lsq_blocks(x.numel()), dtype=torch.float32)
     gs = lib.qc_lsq_backward(g.data_ptr(), x.data_ptr(), code.data_ptr(), gx.data_ptr(), part.data_ptr(), x.numel(),
                              s, lo, hi)
     return gx, gs
