@@ -45,10 +45,10 @@ class _SoftRound(torch.autograd.Function):
     given, the regulariser ``sum(1 - |2 h(alpha) - 1| ** beta)``, as one autograd node.
 
     The same values as composing ``rectified_sigmoid``, ``clamp`` and ``regularizer`` from autograd's
-    ops, bit for bit, and the same gradients up to the order of products. Composed, the two made
-    about forty small operations per layer and step (forward and backward), each costing its
-    dispatch on weight tensors of a few thousand elements; here they are a dozen, with ``h`` computed
-    once for both.
+    ops, bit for bit, and the same gradients up to the order of products. Composed, each of those
+    small operations (and its backward) cost a dispatch on a weight of a few thousand elements, and
+    h was computed twice; with this node and the bias's a ResNet block's training step dispatches
+    223 operations instead of 261.
     """
 
     @staticmethod

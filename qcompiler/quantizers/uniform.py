@@ -489,8 +489,8 @@ BIAS_HEADROOM = 2**24
 class _BiasFakeQuant(torch.autograd.Function):
     """``clamp(round(b / s), -INT32_LIMIT, INT32_LIMIT) * s`` with ``s = s_act * s_w``, straight-through
     round, as one autograd node: the values of the composition with ``round_ste`` bit for bit, its
-    gradients up to the order of products, in a third of the operations (a bias is a few dozen
-    numbers: dispatching each operation costs more than computing it).
+    gradients up to the order of products, in fewer operations (a bias is a few dozen numbers:
+    dispatching each operation costs more than computing it).
     """
 
     @staticmethod
