@@ -21,10 +21,10 @@ def quiet() -> None:
 def machine() -> str:
     """The CPU and thread count a timing or result comes from.
 
-    Sessions here do not always get the same processor: an AVX2 EPYC on some days, an AVX-512
-    (VNNI) one on others, and the same compile took 245 s on one and 409 s on the other. Different
-    kernels also sum in a different order, so even accuracies move. Compare figures only when they
-    carry the same line.
+    Sessions here do not always get the same processor (an AVX2 EPYC for some, an AVX-512 VNNI one
+    for others), and the same compile has taken 245 s on one machine and 409 s on another. Other
+    kernels also sum in another order, so even accuracies move. Compare figures only when they carry
+    the same line.
     """
     import torch
 
