@@ -294,6 +294,11 @@ def test_native_lsq_kernel_splits_work_without_changing_results() -> None:
     keep = MaskPool(0.5, gen, size=1 << 18).mask(x)
     g = torch.randn(x.shape, generator=gen)
     assert native.library().qc_lsq_blocks(x.numel()) > 4
+    try:  # the kernels bind to torch's OpenMP runtime: one libgomp in the process, not a second pool
+        with open("/proc/self/maps") as f:
+            assert len({ln.split()[-1] for ln in f if "libgomp" in ln}) <= 1
+    except OSError:
+        pass
     threads = torch.get_num_threads()
     results = []
     try:

@@ -47,8 +47,7 @@ class _SoftRound(torch.autograd.Function):
     The same values as composing ``rectified_sigmoid``, ``clamp`` and ``regularizer`` from autograd's
     ops, bit for bit, and the same gradients up to the order of products. Composed, each of those
     small operations (and its backward) cost a dispatch on a weight of a few thousand elements, and
-    h was computed twice; with this node and the bias's a ResNet block's training step dispatches
-    223 operations instead of 261.
+    h was computed twice.
     """
 
     @staticmethod

@@ -506,6 +506,8 @@ class _BiasFakeQuant(torch.autograd.Function):
     def backward(ctx, g):
         v, q, inside, s_act, s_w = ctx.saved_tensors
         gb = g * inside if ctx.needs_input_grad[0] else None
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return gb, None, None
         gs = g * (q - v * inside)  # d out / d s: q - v inside the range, q where clamped
         g_act = (gs * s_w).sum().reshape(s_act.shape) if ctx.needs_input_grad[1] else None
         g_w = None
