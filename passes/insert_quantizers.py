@@ -188,7 +188,8 @@ class InsertQuantizers(Pass):
             if not (isinstance(b_node, fx.Node) and b_node.op == "get_attr" and isinstance(w_node, fx.Node)
                     and w_node.meta.get("qc.quantizer") == "weight" and x_node in act_q.values()):
                 continue
-            bq = BiasQuantizer(gm.get_submodule(x_node.target), gm.get_submodule(w_node.target))
+            bq = BiasQuantizer(gm.get_submodule(x_node.target), gm.get_submodule(w_node.target),
+                               registry.get_tensor(gm, str(b_node.target)).shape[0])
             bname = _unique(gm, f"qc_b_{node.meta['qc.layer'].replace('.', '_')}")
             gm.add_submodule(bname, bq)
             with gm.graph.inserting_after(b_node):

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LSQ activation step learning rate (default 4e-5, scaled like --w-lr beyond 2000 iterations)")
     p.add_argument("--w-step-lr", type=float, default=0.0,
                    help="also learn the weight steps, Adam lr relative to each step (e.g. 1e-3; default 0: fixed)")
+    p.add_argument("--bias-correct", action="store_true",
+                   help="reconstruction: before and after training each unit, move each layer's bias by the "
+                        "per-channel mean its quantized output is off from the float one on the calibration set")
+    p.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="reconstruction: keep the last N calibration samples out of training and report each "
+                        "unit's loss on them before and after (how well the learned rounding generalizes)")
     p.add_argument("--cache-mb", type=int, default=4096,
                    help="memory for reconstruction caches; beyond it they spill to files in --report DIR "
                         "(default 4096)")
@@ -106,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             w_init=args.w_init, a_init=args.a_init, percentile=args.percentile,
             first_last_8bit=not args.no_first_last_8bit, reduce_range=not args.full_range_weights, seed=args.seed,
             iters=args.iters, batch_size=args.batch_size, qdrop=args.qdrop, granularity=args.granularity,
-            w_lr=args.w_lr, a_lr=args.a_lr, w_step_lr=args.w_step_lr,
+            w_lr=args.w_lr, a_lr=args.a_lr, w_step_lr=args.w_step_lr, bias_correct=args.bias_correct,
+            holdout=args.holdout,
             cache_mb=args.cache_mb)
     except QCompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)

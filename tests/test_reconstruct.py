@@ -28,30 +28,34 @@ class _Killed(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
-    ref = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", **FAST)
-    ref_state = {k: v for k, v in ref.program.gm.state_dict().items() if k.startswith("qc_")}
+@pytest.mark.parametrize("extra", [{}, {"bias_correct": True}], ids=["rounding-steps", "corrected-biases"])
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, extra):
+    opts = {**FAST, **extra}
+    ref = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", **opts)
+    ref_state = ref.program.gm.state_dict()
 
     real = Reconstruct._checkpoint
     calls = {"n": 0}
 
-    def dying_checkpoint(path, gm, done, records, signature):
-        real(path, gm, done, records, signature)
+    def dying_checkpoint(*args):
+        real(*args)
         calls["n"] += 1
         if calls["n"] == 4:
             raise _Killed  # as if killed right after the 4th unit's checkpoint
 
     monkeypatch.setattr(Reconstruct, "_checkpoint", staticmethod(dying_checkpoint))
     with pytest.raises(_Killed):
-        qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", work_dir=str(tmp_path), **FAST)
+        qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", work_dir=str(tmp_path), **opts)
     monkeypatch.setattr(Reconstruct, "_checkpoint", staticmethod(real))
     resumed = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", work_dir=str(tmp_path),
-                                **FAST)
+                                **opts)
     assert resumed.report["passes"][-1]["resumed_after"] == 4
-    state = {k: v for k, v in resumed.program.gm.state_dict().items() if k.startswith("qc_")}
+    state = resumed.program.gm.state_dict()
     assert state.keys() == ref_state.keys()
-    for k in state:
+    for k in state:  # learned rounding, steps, bias shifts; everything else unchanged
         assert torch.equal(state[k], ref_state[k]), k
+    if extra:
+        assert sum(bool(v.any()) for k, v in state.items() if k.endswith(".shift")) >= 15
 
 
 def test_qdrop_probability_one_feeds_float_and_zero_feeds_quantized():
@@ -103,6 +107,63 @@ def test_partition_keeps_chained_blocks_whole(granularity, expected):
     r = qcompiler.compile(_Chain().eval(), example_inputs=calib[0], calib=calib, bits="w4a4", method="qdrop",
                           granularity=granularity, stop_after="partition")
     assert [u.layers for u in r.program.artifacts["units"]] == expected
+
+
+def test_bias_correction_matches_each_layers_channel_means():
+    """After the correction every layer of a unit has, per channel, the float layer's mean output
+    over the calibration set, the layers before it corrected first (their shifts pass ReLU6); the
+    float layers keep their biases."""
+    from qcompiler.ir import registry
+    from qcompiler.passes.reconstruct import _bias_quantizer, unit_module
+
+    torch.manual_seed(0)
+    calib = [(torch.randn(16, 3, 8, 8) + 0.5,) for _ in range(2)]
+    r = qcompiler.compile(_Chain().eval(), example_inputs=calib[0], calib=calib, bits="w2a4", method="qdrop",
+                          stop_after="partition")
+    gm, unit = r.program.gm, r.program.artifacts["units"][1]  # blocks.0: conv 1x1, depthwise 3x3, conv 1x1
+    nodes = {n.name: n for n in gm.graph.nodes}
+    stem = unit_module(gm, r.program.artifacts["units"][0], [])
+    rec = Reconstruct()
+    x = torch.cat([b[0] for b in calib])
+    fp_in, q_in = rec._forward(gm, stem, [x], quant=False), rec._forward(gm, stem, [x], quant=True)
+    layers = [n for n in unit.nodes if registry.kind(nodes[n], gm) == "conv"]
+    sub = unit_module(gm, unit, layers)
+    f_means = rec._channel_means(gm, sub, fp_in, False, [1, 1, 1])
+    shift = [q - f for q, f in zip(rec._channel_means(gm, sub, q_in, True, [1, 1, 1]), f_means, strict=True)]
+    assert all(float(d.abs().max()) > 1e-3 for d in shift)  # 2-bit weights do shift the means
+    rec._correct_biases(gm, unit, fp_in, q_in)
+    bqs = [_bias_quantizer(nodes[n], gm) for n in layers]
+    # the first layer's correction is exactly its shift (later layers' also count the earlier corrections)
+    torch.testing.assert_close(bqs[0].shift, -shift[0].float())
+    for bq, q, f in zip(bqs, rec._channel_means(gm, sub, q_in, True, [1, 1, 1]), f_means, strict=True):
+        # what is left is the rounding of the bias to the int32 grid (step s_act * s_w), before
+        # (counted in the measured shift) and after the correction: at most one step
+        step = bq.step().detach().double()
+        assert torch.all((q - f).abs() <= step + 1e-6), (q - f, step)
+    for f, f_now in zip(f_means, rec._channel_means(gm, sub, fp_in, False, [1, 1, 1]), strict=True):
+        assert torch.equal(f, f_now)
+
+
+def test_holdout_rows_are_measured_not_trained_on(monkeypatch):
+    from qcompiler.errors import QCompileError
+    from qcompiler.passes import reconstruct
+
+    drawn = []
+    real = reconstruct.take_rows
+
+    def recording_take_rows(x, idx):
+        drawn.append(int(idx.max()))
+        return real(x, idx)
+
+    monkeypatch.setattr(reconstruct, "take_rows", recording_take_rows)
+    opts = {**FAST, "iters": 10, "holdout": 48}
+    r = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", **opts)
+    assert drawn and max(drawn) < 128 - 48
+    units = r.report["reconstruction"]["units"]
+    assert all(u["heldout_before"] > 0 and u["heldout_after"] > 0 for u in units)
+    assert len({round(u["heldout_after"], 6) for u in units} - {round(u["loss_after"], 6) for u in units}) == len(units)
+    with pytest.raises(QCompileError, match="holdout=128 leaves none"):
+        qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", **{**opts, "holdout": 128})
 
 
 def test_spilled_caches_give_identical_parameters(tmp_path, monkeypatch):

@@ -73,6 +73,8 @@ class QConfig:
     a_lr: float | None = None
     reg_weight: float = 0.01
     w_step_lr: float = 0.0  # > 0: also learn each weight channel's step, Adam lr relative to the step
+    bias_correct: bool = False  # reconstruction: empirical bias correction of each unit's layers
+    holdout: int = 0  # reconstruction: the last N calibration samples are not trained on, only measured
     qdrop: float | None = None
     granularity: str | None = None
     work_dir: str | None = None
@@ -97,6 +99,8 @@ class QConfig:
         for name, lr in (("w_lr", self.w_lr), ("a_lr", self.a_lr)):
             if lr is not None and not lr > 0:
                 raise ConfigError(f"{name}={lr} must be positive")
+        if self.holdout < 0:
+            raise ConfigError(f"holdout={self.holdout} must be >= 0")
         if self.iters < 0 or self.batch_size < 1:
             raise ConfigError(f"iters ({self.iters}) must be >= 0 and batch size ({self.batch_size}) >= 1")
         for pattern, bits in self.overrides.items():

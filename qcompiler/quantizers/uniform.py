@@ -524,11 +524,15 @@ class BiasQuantizer(nn.Module):
     the accumulator's grid. Modelling that rounding keeps the fake-quant model bit-faithful to the
     deployed one (without it, rounding ties flip and 4-bit models drift apart). The two quantizers
     are referenced, not owned: they stay registered where they are.
+
+    ``shift`` (per channel, zero until reconstruction's bias correction sets it) is added to the
+    bias of the quantized layer only: with the quantizers off the layer keeps its float bias.
     """
 
-    def __init__(self, act: UniformQuantizer, weight: UniformQuantizer) -> None:
+    def __init__(self, act: UniformQuantizer, weight: UniformQuantizer, channels: int | None = None) -> None:
         super().__init__()
         self.refs = (act, weight)  # a tuple is not registered as submodules
+        self.register_buffer("shift", torch.zeros(() if channels is None else (channels,)))
 
     def step(self) -> torch.Tensor:
         act, weight = self.refs
@@ -538,17 +542,17 @@ class BiasQuantizer(nn.Module):
         act, weight = self.refs
         if act.mode != "quant" or weight.mode != "quant":
             return b
-        return _BiasFakeQuant.apply(b, act.scale.reshape(()), weight.stored_scale())  # as stored, clamp included
+        return _BiasFakeQuant.apply(b + self.shift, act.scale.reshape(()), weight.stored_scale())  # as stored
 
     def headroom_step(self, b: torch.Tensor) -> torch.Tensor:
         """Per output channel, the smallest stored weight step at which ``b`` is at most
         ``BIAS_HEADROOM`` accumulator steps (with the activation's current step)."""
         act, _ = self.refs
-        return b.detach().abs() / (act.scale.detach().reshape(()) * BIAS_HEADROOM)
+        return (b.detach() + self.shift).abs() / (act.scale.detach().reshape(()) * BIAS_HEADROOM)
 
     @torch.no_grad()
     def int_repr(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(int32 values, per-channel scale) of the stored bias."""
         s = self.step().detach().float()
         s = s.expand(b.shape[0]).contiguous() if s.dim() == 0 else s
-        return torch.clamp(torch.round(b / s), -INT32_LIMIT, INT32_LIMIT).to(torch.int32), s
+        return torch.clamp(torch.round((b + self.shift) / s), -INT32_LIMIT, INT32_LIMIT).to(torch.int32), s
