@@ -22,7 +22,7 @@ its quantized output (quantized stream in) is off from its float output (float s
 calibration set. Inputs after ReLU/ReLU6 have large means, so weight rounding errors that do not
 sum to zero per channel shift whole channels: on EfficientNet-Lite0 this is most of the error of
 the 4-bit depthwise weights. With ``holdout = N`` the last N calibration samples are left out of
-steps 2 and the correction and only measured: each unit reports its loss on them before and after.
+step 2 and the correction and only measured: each unit reports its loss on them before and after.
 
 Images are held channels-last (NHWC in memory; convolutions keep that layout, elementwise ops
 follow it): on this CPU oneDNN's depthwise convolutions and their backwards run several times
