@@ -24,6 +24,26 @@ def test_qdrop_lowers_unit_losses_and_still_deploys(tmp_path):
     assert (tmp_path / "reconstruction_loss.png").stat().st_size > 1000
 
 
+def test_units_report_how_far_the_rounding_converged(caplog):
+    """Each unit records the fraction of its roundings left undecided (h between 0.1 and 0.9) and its
+    loss with the soft rounding; a schedule too short to decide them warns."""
+    from qcompiler.passes.reconstruct import _quantizers, unit_module
+    from qcompiler.quantizers.adaround import rectified_sigmoid
+
+    with caplog.at_level("WARNING", logger="qcompiler"):
+        r = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", **{**FAST, "iters": 20})
+    gm, units = r.program.gm, r.program.artifacts["units"]
+    records = r.report["reconstruction"]["units"]
+    for unit, rec in zip(units, records, strict=True):
+        # hardening leaves alpha alone, so the final quantizers give back the recorded fraction
+        wqs = _quantizers(gm, unit_module(gm, unit, []), "weight")
+        h = torch.cat([rectified_sigmoid(q.alpha).flatten() for q in wqs])
+        assert rec["undecided"] == pytest.approx(float(((h > 0.1) & (h < 0.9)).double().mean()), abs=1e-4)
+        assert rec["loss_soft"] > 0
+    assert max(rec["undecided"] for rec in records) > 0.05
+    assert any("roundings undecided" in m and "did not converge in 20 iterations" in m for m in caplog.messages)
+
+
 class _Killed(Exception):
     pass
 
