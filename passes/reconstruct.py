@@ -18,7 +18,7 @@ Rule, per unit in graph order (units come from ``partition``):
    its loss with the soft rounding just before hardening and the fraction of roundings still
    undecided (h between 0.1 and 0.9); a run that ends units with more than 5% undecided warns:
    its schedule was too short for the regulariser to decide them, and the hardened loss can be far
-   above the soft one (EfficientNet-Lite0 W4A4 at 200 iterations: block 0 ends 55% undecided, loss
+   above the soft one (EfficientNet-Lite0 W4A4 at 200 iterations: block 0 ends 51% undecided, loss
    64 soft, 445 hardened).
 
 With ``bias_correct``, before and after step 2 each weighted layer of the unit, in graph order,
@@ -326,7 +326,7 @@ class Reconstruct(Pass):
             worst = max(open_units, key=lambda r: r["undecided"])
             log.warning("%d of %d units ended training with more than %.0f%% of their roundings undecided (%s: %.0f%%, "
                         "loss %.4g with the soft rounding, %.4g hardened): the rounding did not converge in %d "
-                        "iterations; more iterations (--iters) let the regulariser decide it", len(open_units),
+                        "iterations; more iterations (--iters) give the regulariser time to decide it", len(open_units),
                         len(records), 100 * UNDECIDED_WARN, worst["unit"], 100 * worst["undecided"],
                         worst["loss_soft"], worst["loss_after"], cfg.iters)
         program.report["reconstruction"] = {"units": records, "seconds": round(time.perf_counter() - t_all, 2),
