@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, emit, quiet
+from common import ROOT, compile_options, emit, quiet
 
 
 def evaluate_all(model_file: str, bits: str, **options) -> dict:
@@ -58,15 +58,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v.lower(), v)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", default=None)
@@ -76,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                    "goes to the model file's functions (e.g. model.views=2)")
     args = p.parse_args(argv)
     quiet()
-    options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.options)}
+    options = compile_options(args.options)
     model_args = {k[len("model."):]: v for k, v in options.items() if k.startswith("model.")}
     options = {k: v for k, v in options.items() if not k.startswith("model.")}
     if model_args:

@@ -10,6 +10,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def compile_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` command-line options as compile keyword arguments: ints, floats and true/false
+    become values of those types, anything else stays a string."""
+    return {k: _value(v) for k, v in (o.split("=", 1) for o in pairs)}
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
 def quiet() -> None:
     """Only errors from qcompiler and the exporter stack: the bench prints its own table."""
     from qcompiler.logs import quiet_exporters

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import torch
 
-from common import ROOT, quiet
+from common import ROOT, compile_options, quiet
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from qcompiler.api import load_model_file
     from qcompiler.backends import ort as ob
 
-    from accuracy import _value
-
-    options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.options)}
+    options = compile_options(args.options)
     # Stop before the target's own ORT check, which would refuse the very models worth looking at.
     r = qcompiler.compile(args.model, bits=args.bits, stop_after="lower_onnx_qdq", **options)
     gm = r.program.gm

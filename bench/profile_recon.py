@@ -30,7 +30,6 @@ def floor_ms(gm, unit, batch: int, reps: int = 20) -> float:
     from qcompiler.passes.reconstruct import Reconstruct, unit_module
 
     sub = unit_module(gm, unit, [])
-    saved = Reconstruct._set_modes(gm, sub, "off")
     shapes = {n.name: n.meta["tensor_meta"].shape for n in gm.graph.nodes if "tensor_meta" in n.meta}
     xs = [torch.randn(batch, *shapes[x][1:]) for x in unit.inputs]
     xs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs]  # as reconstruct
@@ -38,15 +37,14 @@ def floor_ms(gm, unit, batch: int, reps: int = 20) -> float:
     for prm in params:
         prm.requires_grad_(True)
     times = []
-    for _ in range(reps + 3):
-        t = time.perf_counter()
-        sub(*xs)[0].pow(2).sum().backward()
-        times.append(time.perf_counter() - t)
+    with Reconstruct._modes(gm, sub, "off"):
+        for _ in range(reps + 3):
+            t = time.perf_counter()
+            sub(*xs)[0].pow(2).sum().backward()
+            times.append(time.perf_counter() - t)
     for prm in params:
         prm.requires_grad_(False)
         prm.grad = None
-    for q, m in saved:
-        q.mode = m
     times = sorted(times[3:])
     return 1e3 * times[len(times) // 2]
 

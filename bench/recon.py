@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from accuracy import _value, evaluate_all
-from common import ROOT, emit, quiet
+from accuracy import evaluate_all
+from common import ROOT, compile_options, emit, quiet
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
 DEFAULT_BITS = {"resnet_cifar": ["w4a4", "w3a3", "w2a4", "w4a8", "w2a8"], "efficientnet_lite": ["w4a8", "w4a4"]}
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     stem = Path(args.model).stem
     bits = args.bits or DEFAULT_BITS.get(stem, ["w4a4"])
-    options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.options)}
+    options = compile_options(args.options)
     results: dict[tuple[str, str], dict] = {}
     for b in bits:
         for m in args.methods:

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from accuracy import _value
-from common import ROOT, emit, quiet
+from common import ROOT, compile_options, emit, quiet
 
 
 class _Capture(fx.Interpreter):
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import qcompiler
     from qcompiler.ir import registry
 
-    options = {k: _value(v) for k, v in (o.split("=", 1) for o in args.options)}
+    options = compile_options(args.options)
     r = qcompiler.compile(args.model, bits=args.bits, stop_after="calibrate", **options)
     gm = r.program.gm
     x = torch.cat([b[0] for b in r.program.calib])[: args.images]

@@ -42,12 +42,14 @@ the last finished unit and reaches the same parameters as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -356,22 +358,22 @@ class Reconstruct(Pass):
         return out
 
     @staticmethod
-    def _set_modes(gm: fx.GraphModule, sub: fx.GraphModule, mode: str) -> list[tuple[nn.Module, str]]:
-        saved = []
-        for which in ("act", "weight"):
-            for q in _quantizers(gm, sub, which):
-                saved.append((q, q.mode))
-                q.mode = mode
-        return saved
-
-    def _forward(self, gm: fx.GraphModule, sub: fx.GraphModule, inputs: list[torch.Tensor], quant: bool,
-                 chunk: int = 256) -> list[torch.Tensor]:
-        saved = self._set_modes(gm, sub, "quant" if quant else "off")
+    @contextlib.contextmanager
+    def _modes(gm: fx.GraphModule, sub: fx.GraphModule, mode: str) -> Iterator[None]:
+        """Every quantizer of ``sub`` in ``mode`` inside the block, back to its own mode after."""
+        saved = [(q, q.mode) for which in ("act", "weight") for q in _quantizers(gm, sub, which)]
+        for q, _ in saved:
+            q.mode = mode
         try:
-            outs = [sub(*[x[s:s + chunk] for x in inputs]) for s in range(0, inputs[0].shape[0], chunk)]
+            yield
         finally:
             for q, m in saved:
                 q.mode = m
+
+    def _forward(self, gm: fx.GraphModule, sub: fx.GraphModule, inputs: list[torch.Tensor], quant: bool,
+                 chunk: int = 256) -> list[torch.Tensor]:
+        with self._modes(gm, sub, "quant" if quant else "off"):
+            outs = [sub(*[x[s:s + chunk] for x in inputs]) for s in range(0, inputs[0].shape[0], chunk)]
         return [torch.cat([o[k] for o in outs]) for k in range(len(outs[0]))]
 
     def _correct_biases(self, gm: fx.GraphModule, unit: Unit, fp_in, q_in,
@@ -401,20 +403,15 @@ class Reconstruct(Pass):
     def _channel_means(self, gm, sub, inputs, quant: bool, axes: list[int], chunk: int = 256) -> list[torch.Tensor]:
         """Per-channel means (float64) of ``sub``'s extra outputs over all rows of ``inputs``; ``axes``
         gives each output's channel dimension."""
-        saved = self._set_modes(gm, sub, "quant" if quant else "off")
         sums: list[torch.Tensor] = [torch.zeros(())] * len(axes)
         counts = [0] * len(axes)
-        try:
-            with torch.no_grad():
-                for s in range(0, inputs[0].shape[0], chunk):
-                    outs = sub(*[x[s:s + chunk] for x in inputs])[1:]
-                    for k, (o, ax) in enumerate(zip(outs, axes, strict=True)):
-                        ax %= o.dim()
-                        sums[k] = sums[k] + o.double().sum(dim=[d for d in range(o.dim()) if d != ax])
-                        counts[k] += o.numel() // o.shape[ax]
-        finally:
-            for q, m in saved:
-                q.mode = m
+        with self._modes(gm, sub, "quant" if quant else "off"), torch.no_grad():
+            for s in range(0, inputs[0].shape[0], chunk):
+                outs = sub(*[x[s:s + chunk] for x in inputs])[1:]
+                for k, (o, ax) in enumerate(zip(outs, axes, strict=True)):
+                    ax %= o.dim()
+                    sums[k] = sums[k] + o.double().sum(dim=[d for d in range(o.dim()) if d != ax])
+                    counts[k] += o.numel() // o.shape[ax]
         return [t / c for t, c in zip(sums, counts, strict=True)]
 
     def _loss(self, gm, sub, q_in, fp_out, n: int | None = 256) -> float:
@@ -466,7 +463,6 @@ class Reconstruct(Pass):
 
             sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine if d else (lambda it: 1.0) for d in decays])
         acts = _quantizers(gm, sub, "act")
-        saved = self._set_modes(gm, sub, "quant")
         masks = MaskPool(p, gen) if 0.0 < p < 1.0 else None
         for q in acts:
             q.drop_prob = p
@@ -476,7 +472,8 @@ class Reconstruct(Pass):
         probe = max(1, min(25, cfg.iters // 10))  # the estimate times iterations probe..2*probe
         bar = tqdm(range(cfg.iters), desc=unit.name, unit="it", leave=False,
                    disable=not log.isEnabledFor(logging.INFO) or cfg.iters < 50)
-        with logging_redirect_tqdm():  # log lines print above the progress bar
+        # log lines print above the progress bar
+        with self._modes(gm, sub, "quant"), logging_redirect_tqdm():
             try:
                 for it in bar:
                     idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
@@ -512,8 +509,6 @@ class Reconstruct(Pass):
                     q.drop_masks = None
                 for q in wqs:
                     q.reg_beta, q.reg = None, None
-                for q, m in saved:
-                    q.mode = m
         conv = {}
         for q in wqs:
             q.alpha.requires_grad_(False)
