@@ -49,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
                  "|---|---|---|---|" + "---|" * len(groups)]
         with torch.no_grad():
             for name, run in runs:
-                ev, ca = mod.evaluate(run)["top1"], mod.evaluate(run, data=calib)["top1"]
-                by = "".join(f" {mod.evaluate(run, data=g)['top1']:.2f} |" for g in groups.values())
+                ca = mod.evaluate(run, data=calib)["top1"]
+                if groups:  # the groups partition the evaluation set: its top-1 without a second pass
+                    parts = [mod.evaluate(run, data=g) for g in groups.values()]
+                    ev = sum(round(r["top1"] * r["n"] / 100) for r in parts) * 100 / sum(r["n"] for r in parts)
+                else:
+                    parts, ev = [], mod.evaluate(run)["top1"]
+                by = "".join(f" {r['top1']:.2f} |" for r in parts)
                 lines.append(f"| {name} | {ev:.2f} | {ca:.2f} | {ca - ev:.2f} |{by}")
                 print(lines[-1], flush=True)
     emit("\n".join(lines) + "\n", args.out)
