@@ -11,11 +11,13 @@ so those weights load with ``strict=True``. ``forward`` has no data-dependent co
 Weights: from that pip package (nothing is downloaded at run time), or from a path given as
 ``build(weights=PATH)``; loaded with ``torch.load(..., weights_only=True)``.
 
-Data: the ImageNet sample in ``<data>/imagenet-sample/`` (``calib250.npz`` for calibration,
-``eval750.npz`` for evaluation), where ``<data>`` is ``$QCOMPILER_DATA`` if set, else
-``../shared/data`` next to the repository. Images are uint8 NHWC RGB, already resized and
-centre-cropped to 224x224; preprocessing is ``(x - 127) / 128`` in NCHW layout. Arrays are
-loaded with ``np.load(..., allow_pickle=False)``.
+Data (``<data>`` is ``$QCOMPILER_DATA`` if set, else ``../shared/data`` next to the repository):
+calibration on the 1,000-image ImageNet sample in ``<data>/imagenet-sample/`` (``calib250.npz`` then
+``eval750.npz``: one image of every class; uint8 NHWC RGB, already 224 x 224, loaded with
+``np.load(..., allow_pickle=False)``); evaluation on ``<data>/imagenet-val/`` (1,300 validation
+JPEGs at 227 x 227, centre 224 crop, ``labels.csv``), whose even rows are the validation half
+(tuning, and the compile's ORT check) and odd rows the test half. Preprocessing is
+``(x - 127) / 128`` in NCHW layout.
 
 This file is Python code: loading it as a model file (for example from the ``qcompile`` CLI)
 executes it.
@@ -23,6 +25,8 @@ executes it.
 
 from __future__ import annotations
 
+import csv
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["EfficientNetLite", "build", "calibration_data", "evaluate", "example_inputs"]
+__all__ = ["EfficientNetLite", "build", "calibration_data", "evaluate", "example_inputs", "verification_data"]
 
 #: BatchNorm epsilon of the TensorFlow original (and of the shipped weights).
 BN_EPS = 1e-3
@@ -39,7 +43,7 @@ BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 IMAGE_SIZE = 224
 NUM_CLASSES = 1000
-EVAL_DATASET = "imagenet-sample/eval750"
+EVAL_DATASET = "imagenet-val"
 
 #: EfficientNet-B0 / Lite0 stages: (repeats, kernel, stride of first block, expand ratio, out ch).
 LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -231,7 +235,10 @@ def _data_dir() -> Path:
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _load_npz(path: Path, what: str, hint: str) -> dict[str, np.ndarray]:
+DATA_HINT = "Set QCOMPILER_DATA to the shared data directory."
+
+
+def _load_npz(path: Path, what: str, hint: str = DATA_HINT) -> dict[str, np.ndarray]:
     """Load an .npz (no pickles) and check that ``images`` is N x 224 x 224 x 3."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}. {hint}")
@@ -245,6 +252,50 @@ def _load_npz(path: Path, what: str, hint: str) -> dict[str, np.ndarray]:
             f"(uint8 RGB, resized and centre-cropped), got shape {shape}"
         )
     return arrays
+
+
+def calibration_images() -> dict[str, np.ndarray]:
+    """The standard calibration set: the 1,000-image ImageNet sample, one image of every class
+    (``calib250.npz`` then ``eval750.npz``, as the data README prescribes)."""
+    parts = [_load_npz(_data_dir() / "imagenet-sample" / f"{name}.npz", "calibration data")
+             for name in ("calib250", "eval750")]
+    return {key: np.concatenate([p[key] for p in parts]) for key in ("images", "labels")}
+
+
+@functools.lru_cache(maxsize=2)
+def _imagenet_val(root: str) -> tuple[np.ndarray, np.ndarray]:
+    """All of ``imagenet-val``: (uint8 N x 224 x 224 x 3 centre crops, int64 labels) in ``labels.csv`` order."""
+    from PIL import Image
+
+    base = Path(root)
+    table = base / "labels.csv"
+    if not table.is_file():
+        raise FileNotFoundError(f"evaluation labels not found: {table}. {DATA_HINT}")
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    images = np.empty((len(rows), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        with Image.open(base / "images" / row["file"]) as im:
+            img = np.asarray(im.convert("RGB"))
+        top, left = (img.shape[0] - IMAGE_SIZE) // 2, (img.shape[1] - IMAGE_SIZE) // 2
+        if top < 0 or left < 0:
+            raise ValueError(f"{row['file']}: {img.shape[1]}x{img.shape[0]} is smaller than {IMAGE_SIZE}x{IMAGE_SIZE}")
+        images[i] = img[top : top + IMAGE_SIZE, left : left + IMAGE_SIZE]
+    return images, np.array([int(r["label"]) for r in rows], dtype=np.int64)
+
+
+#: The halves of imagenet-val (data README): tune on ``val`` (even rows of labels.csv), report ``test``
+#: (odd rows) beside ``all``.
+SPLITS = {"all": slice(None), "val": slice(0, None, 2), "test": slice(1, None, 2)}
+
+
+def imagenet_val(split: str = "all") -> dict[str, np.ndarray]:
+    """``imagenet-val`` decoded with Pillow (centre 224 crop of the 227 x 227 JPEGs): all rows, or the
+    even (``val``, for tuning) or odd (``test``) rows of ``labels.csv``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    images, labels = _imagenet_val(str(_data_dir() / "imagenet-val"))
+    return {"images": images[SPLITS[split]], "labels": labels[SPLITS[split]]}
 
 
 def preprocess(images: np.ndarray) -> torch.Tensor:
@@ -284,56 +335,69 @@ def augmented_views(x: torch.Tensor, views: int, seed: int = 0) -> torch.Tensor:
     return torch.cat(out)
 
 
-def calibration_data(calib: str | None = None, num: int = 250, batch_size: int = 32, views: int = 1) -> list[tuple]:
+def calibration_data(calib: str | None = None, num: int = 1000, batch_size: int = 32, views: int = 1) -> list[tuple]:
     """Return the first ``num`` calibration images as preprocessed batches ``[(x,), ...]``.
 
-    Reads ``imagenet-sample/calib250.npz`` from the data directory, or the .npz at ``calib``.
-    ``views`` > 1 adds augmented copies of each image (see :func:`augmented_views`). Measured on
-    W4A4 qdrop at 200 iterations: ``views=4`` gave 76.00 top-1 against 78.27 without; reconstruction
-    fits the images' content, which the copies share
-    (``bench/results/recon_efficientnet_lite0_w4a4.md``).
+    By default the 1,000-image ImageNet sample (:func:`calibration_images`), or the .npz at ``calib``.
+    ``views`` > 1 adds augmented copies of each image (see :func:`augmented_views`).
     """
     num, batch_size = int(num), int(batch_size)
     if num <= 0 or batch_size <= 0:
         raise ValueError(f"num and batch_size must be positive, got {num=}, {batch_size=}")
-    path = Path(calib) if calib else _data_dir() / "imagenet-sample" / "calib250.npz"
     hint = "Set QCOMPILER_DATA to the shared data directory or pass calib=PATH to an .npz file."
-    images = _load_npz(path, "calibration data", hint)["images"][:num]
+    images = (_load_npz(Path(calib), "calibration data", hint) if calib else calibration_images())["images"][:num]
     x = augmented_views(preprocess(images), views)
     return [(x[i : i + batch_size],) for i in range(0, len(x), batch_size)]
 
 
+def verification_data(verify_num: int = 256, batch_size: int = 32) -> list[tuple]:
+    """Inputs for the compile's ORT check that calibration never saw: the first ``verify_num`` images
+    of imagenet-val's ``val`` half (the even rows)."""
+    images = imagenet_val("val")["images"][: int(verify_num)]
+    x = preprocess(images)
+    return [(x[i : i + int(batch_size)],) for i in range(0, len(x), int(batch_size))]
+
+
 def evaluate(run: Callable[[tuple], torch.Tensor], limit: int | None = None, batch_size: int = 50,
-             data: str | None = None) -> dict:
-    """Top-1 / top-5 accuracy (percent) of ``run`` on ``imagenet-sample/eval750.npz``.
+             data: str | None = None, split: str = "all") -> dict:
+    """Top-1 / top-5 accuracy (percent) of ``run`` on imagenet-val (``split``: all, val or test).
 
     ``run`` maps a batch tuple ``(x,)`` to logits (N, 1000); ``limit`` evaluates only the first
-    ``limit`` images; ``data`` names another .npz with ``images`` and ``labels`` (for example the
-    calibration images, to see how much a quantized model fits them better than unseen ones).
+    ``limit`` images; ``data`` names an .npz with ``images`` and ``labels`` to evaluate instead (for
+    example the calibration images, to see how much a quantized model fits them better than unseen
+    ones). With ``split="all"`` the result also holds ``top1_val`` and ``top1_test``, the top-1 of
+    the even and odd rows.
     """
     batch_size = int(batch_size)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    path = Path(data) if data else _data_dir() / "imagenet-sample" / "eval750.npz"
-    arrays = _load_npz(path, "evaluation data", "Set QCOMPILER_DATA to the shared data directory.")
-    if "labels" not in arrays or len(arrays["labels"]) != len(arrays["images"]):
-        raise ValueError(f"{path}: expected key 'labels' with one int64 class index per image")
+    if data:
+        arrays = _load_npz(Path(data), "evaluation data")
+        if "labels" not in arrays or len(arrays["labels"]) != len(arrays["images"]):
+            raise ValueError(f"{data}: expected key 'labels' with one int64 class index per image")
+    else:
+        arrays = imagenet_val(split)
     images, labels = arrays["images"], arrays["labels"]
     if limit is not None:
         images, labels = images[: int(limit)], labels[: int(limit)]
-    top1 = top5 = 0
+    hit1, hit5 = [], []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             logits = torch.as_tensor(run((preprocess(images[i : i + batch_size]),)))
             target = torch.from_numpy(labels[i : i + batch_size]).to(torch.int64)
-            pred = logits.float().topk(5, dim=1).indices
-            hits = pred == target[:, None]
-            top1 += int(hits[:, 0].sum())
-            top5 += int(hits.any(dim=1).sum())
+            hits = logits.float().topk(5, dim=1).indices == target[:, None]
+            hit1.append(hits[:, 0])
+            hit5.append(hits.any(dim=1))
+    h1 = torch.cat(hit1).float() if hit1 else torch.zeros(0)
+    h5 = torch.cat(hit5).float() if hit5 else torch.zeros(0)
     n = len(labels)
-    return {
-        "top1": 100.0 * top1 / n if n else 0.0,
-        "top5": 100.0 * top5 / n if n else 0.0,
+    out = {
+        "top1": 100.0 * float(h1.sum()) / n if n else 0.0,
+        "top5": 100.0 * float(h5.sum()) / n if n else 0.0,
         "n": n,
-        "dataset": str(data) if data else EVAL_DATASET,
+        "dataset": str(data) if data else f"{EVAL_DATASET}:{split}",
     }
+    if not data and split == "all" and n:
+        out["top1_val"] = 100.0 * float(h1[0::2].mean())
+        out["top1_test"] = 100.0 * float(h1[1::2].mean())
+    return out

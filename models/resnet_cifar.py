@@ -263,15 +263,42 @@ def _class_balanced_order(labels: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(labels)), labels, rank))
 
 
+VAL_START = 1024  # calib5k rows from here on are the validation set (the first 1,024 calibrate)
+
+
+def _validation_file() -> Path:
+    """The shared ``cifar10/calib5k.npz`` (validation rows ``VAL_START:``), or FileNotFoundError."""
+    path = _shared_data_dir() / "cifar10" / "calib5k.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"validation images not found: {path}; set QCOMPILER_DATA to the shared data directory")
+    return path
+
+
+def verification_data(verify_num: int | str = 256, batch_size: int | str = 64) -> list[tuple[torch.Tensor]] | None:
+    """Inputs for the compile's ORT check that calibration never saw: ``verify_num`` validation
+    images (``calib5k.npz`` rows 1,024 on). None when the shared data is absent: the compile then
+    holds out part of the calibration set instead."""
+    try:
+        path = _validation_file()
+    except FileNotFoundError:
+        return None
+    images, _ = _load_images(path)
+    images = images[VAL_START : VAL_START + int(verify_num)]
+    return [(_preprocess(images[i : i + int(batch_size)]),) for i in range(0, len(images), int(batch_size))]
+
+
 def evaluate(
     run: Callable[[tuple[torch.Tensor]], torch.Tensor],
     limit: int | str | None = None,
     batch_size: int | str = 500,
+    split: str = "test",
 ) -> dict[str, float | int | str]:
-    """Top-1 of ``run`` (``(x,)`` -> logits ``(N, 10)``) on CIFAR-10 test images.
+    """Top-1 of ``run`` (``(x,)`` -> logits ``(N, 10)``) on CIFAR-10 test or validation images.
 
-    Uses the shared ``cifar10/test10k.npz`` when present, else the embedded 500-image
-    subset. With ``limit``, evaluates a class-balanced subset of that many images.
+    ``split="test"`` (the reported set) uses the shared ``cifar10/test10k.npz`` when present, else
+    the embedded 500-image subset; ``split="val"`` (for tuning) the 3,976 shared ``calib5k.npz``
+    images after the 1,024 that calibrate. With ``limit``, evaluates a class-balanced subset of that
+    many images.
 
     Returns:
         ``{"top1": percent, "n": images evaluated, "dataset": name}``.
@@ -279,12 +306,18 @@ def evaluate(
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    full = _shared_data_dir() / "cifar10" / "test10k.npz"
-    if full.is_file():
-        path, dataset = full, "cifar10/test10k"
+    if split == "val":
+        images, labels = _load_images(_validation_file(), need_labels=True)
+        images, labels, dataset = images[VAL_START:], labels[VAL_START:], "cifar10/calib5k[1024:]"
+    elif split == "test":
+        full = _shared_data_dir() / "cifar10" / "test10k.npz"
+        if full.is_file():
+            path, dataset = full, "cifar10/test10k"
+        else:
+            path, dataset = EMBEDDED_TEST, "embedded test subset"
+        images, labels = _load_images(path, need_labels=True)
     else:
-        path, dataset = EMBEDDED_TEST, "embedded test subset"
-    images, labels = _load_images(path, need_labels=True)
+        raise ValueError(f"unknown split {split!r}; choose test or val")
     assert labels is not None
     if limit is not None and int(limit) < len(images):
         if int(limit) < 1:

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from qcompiler.config import make_config
-from qcompiler.errors import ModelFileError, OutputError, QCompileError
-from qcompiler.ir.program import Batch, Program, call, check_calibration
+from qcompiler.errors import CalibrationDataError, ModelFileError, OutputError, QCompileError, VerificationError
+from qcompiler.ir.program import Batch, Program, batch_size, call, check_calibration, split_holdout
 from qcompiler.pipeline import Pipeline, default_passes, get_target
 
 log = logging.getLogger("qcompiler")
@@ -96,6 +96,12 @@ class CompileResult:
         return self.program.artifacts.get("checks", {})
 
     @property
+    def fake_quant(self) -> nn.Module:
+        """The fake-quant model, computed with the target's integer arithmetic when its check made that
+        version (``artifacts["integer_gm"]``), else the float-arithmetic graph."""
+        return self.program.artifacts.get("integer_gm", self.program.gm)
+
+    @property
     def onnx_bytes(self) -> bytes:
         return self.program.artifacts["onnx_bytes"]
 
@@ -143,6 +149,7 @@ def compile(  # noqa: A001 - the public name of the API
     example_inputs: tuple | dict | None = None,
     calib: list | None = None,
     calib_path: str | None = None,
+    verify_data: list | None = None,
     model_args: dict[str, Any] | None = None,
     evaluate: bool = False,
     report_dir: str | os.PathLike | None = None,
@@ -155,7 +162,9 @@ def compile(  # noqa: A001 - the public name of the API
 
     Runs capture, BatchNorm folding, quantizer insertion, calibration, the method's passes, lowering
     and the target's checks; writes ``output`` atomically; returns a :class:`CompileResult`.
-    ``stop_after`` ends the pipeline after the named pass (nothing is written then).
+    The checks run on inputs calibration never saw (see :func:`verification_split`).
+    ``stop_after`` ends the pipeline after the named pass (nothing is written then); an ``output``
+    is written only when the target's checks ran and passed.
     """
     t0 = time.perf_counter()
     if report_dir is not None and options.get("work_dir") is None:
@@ -186,9 +195,16 @@ def compile(  # noqa: A001 - the public name of the API
         example_inputs = (example_inputs,)
     batches = _as_batches(calib)
     check_calibration(batches, example_inputs)
+    if verify_data is None and module is not None and callable(getattr(module, "verification_data", None)):
+        verify_data = _call_with(module.verification_data, source, {"verify_num": config.verify_samples, **kwargs})
+        where = f"{source}: verification_data()"
+    else:
+        where = "given by the caller (verify_data=)"
+    batches, verify, where = verification_split(batches, verify_data, where, config.verify_samples)
+    check_calibration(verify, example_inputs, "verification")
     torch.manual_seed(config.seed)
     program = Program(model=net, example_inputs=example_inputs, calib=batches, config=config, target=tgt,
-                      source=source)
+                      source=source, verify=verify, verify_source=where)
     program.report["config"] = config.to_dict()
     program.report["source"] = source
     pipeline = Pipeline(passes if passes is not None else default_passes(config, tgt), stop_after=stop_after)
@@ -201,6 +217,9 @@ def compile(  # noqa: A001 - the public name of the API
                                    "ratio_to_float_params": round(len(data) / max(float_bytes, 1), 4)}
         program.report["checks"] = program.artifacts.get("checks", {})
         if out_path is not None:
+            if "agreement" not in program.report["checks"] or "integer_kernels" not in program.report["checks"]:
+                raise VerificationError(f"not writing {out_path}: no pass checked the lowered model in the target's "
+                                        "runtime (the pipeline lacks the target's verification pass)")
             atomic_write(out_path, data)
             result.output = out_path
     if evaluate:
@@ -214,15 +233,37 @@ def compile(  # noqa: A001 - the public name of the API
     return result
 
 
+def verification_split(calib: list[Batch], verify: Any, where: str, samples: int
+                       ) -> tuple[list[Batch], list[Batch], str]:
+    """``(calibration, verification, where they came from)``.
+
+    Rule: verification inputs are never calibration inputs. Given ones (``verify``, not None) are
+    used as they are; otherwise the last ``min(samples, N // 4)`` of the N calibration samples are
+    held out of calibration and verify the compile.
+    """
+    if verify is not None:
+        return calib, _as_batches(verify), where
+    total = sum(batch_size(b) for b in calib)
+    n = min(samples, total // 4)
+    if n < 1:
+        raise CalibrationDataError(f"{total} calibration sample(s) leave none to hold out for verifying the "
+                                   "compile: give at least 4, or verification inputs (verification_data() in "
+                                   "the model file, verify_data= in the API)")
+    first, last = split_holdout(calib, n)
+    return first, last, (f"held-out calibration samples: the last {n} of {total} "
+                         f"(calibration used the other {total - n})")
+
+
 def run_evaluation(module: ModuleType, program: Program, kwargs: dict[str, Any]) -> dict[str, dict]:
-    """The model file's evaluate() on the float model, the fake-quant model and the ORT session."""
+    """The model file's evaluate() on the float model, the fake-quant model (computed with the
+    target's integer arithmetic once the target's check made it) and the ORT session."""
     from qcompiler.backends import ort as ort_backend
 
     ev_kwargs = {k: v for k, v in kwargs.items() if k != "calib"}
     metrics: dict[str, dict] = {}
     runs: dict[str, Callable] = {
         "float": lambda b: call(program.model, b),
-        "fake_quant": lambda b: call(program.gm, b),
+        "fake_quant": lambda b: call(CompileResult(program, None, {}).fake_quant, b),
     }
     if "onnx_bytes" in program.artifacts:
         runs["ort"] = ort_backend.runner(ort_backend.session(program.artifacts["onnx_bytes"]))

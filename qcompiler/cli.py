@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=int, default=4096,
                    help="memory for reconstruction caches; beyond it they spill to files in --report DIR "
                         "(default 4096)")
+    p.add_argument("--verify-samples", type=int, default=256, metavar="N",
+                   help="samples the ORT check runs on: the model file's verification_data(), else the last N "
+                        "calibration samples (at most a quarter), held out of calibration (default 256)")
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="least ORT vs fake-quant top-1 agreement the check accepts, in (0, 1] (default 0.99)")
+    p.add_argument("--max-error", type=float, default=0.01,
+                   help="largest relative error ||ORT - fake-quant|| / ||fake-quant|| the check accepts on any one "
+                        "sample, in [0, 1) (default 0.01; 0 demands equal outputs)")
     p.add_argument("--eval", action="store_true", help="evaluate the float, fake-quant and ORT models")
     p.add_argument("--report", metavar="DIR", help="write report.json and summary.md to DIR")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the final line")
@@ -113,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             first_last_8bit=not args.no_first_last_8bit, reduce_range=not args.full_range_weights, seed=args.seed,
             iters=args.iters, batch_size=args.batch_size, qdrop=args.qdrop, granularity=args.granularity,
             w_lr=args.w_lr, a_lr=args.a_lr, w_step_lr=args.w_step_lr, bias_correct=args.bias_correct,
-            holdout=args.holdout,
-            cache_mb=args.cache_mb)
+            holdout=args.holdout, cache_mb=args.cache_mb, verify_samples=args.verify_samples,
+            min_agreement=args.min_agreement, max_error=args.max_error)
     except QCompileError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -125,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     k = rep.get("checks", {}).get("integer_kernels", {})
     ag = rep.get("checks", {}).get("agreement", {})
     print(f"wrote {result.output} ({rep['sizes']['onnx_bytes']:,} bytes) in {rep['total_seconds']} s: "
-          f"{sum(k.get('integer_kernels', {}).values())} integer kernels, 0 float; ORT vs fake-quant top-1 "
-          f"agreement {ag.get('top1_agreement', 'n/a')}, cosine {ag.get('cosine', 0):.5f}")
+          f"{sum(k.get('integer_kernels', {}).values())} integer kernels, {sum(k.get('float_kernels', {}).values())} "
+          f"float; ORT vs fake-quant on {ag.get('samples')} held-out samples: top-1 agreement "
+          f"{ag.get('top1_agreement', 'n/a')}, worst relative error {ag.get('worst_error', 0):.3g}")
     for name, m in result.metrics.items():
         print(f"  {name:<10} {m}")
     return 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import qcompiler
 from qcompiler.backends import ort as ort_backend
+from qcompiler.errors import VerificationError
 from qcompiler.ir import registry
 from qcompiler.passes import FoldBatchNorm, Trace
 
@@ -52,21 +54,24 @@ def test_attention_model_falls_back_to_export_and_compiles():
     torch.manual_seed(0)
     model = TinyBertLayer().eval()
     example, calib = _data()
-    r = qcompiler.compile(model, example_inputs=example, calib=calib, bits="w8a8")
+    # ORT runs this block's softmax as QLinearSoftmax and its 3-D linears as MatMulIntegerToFloat, whose
+    # rounding the fake-quant model does not reproduce yet: the check needs a looser bound.
+    with pytest.raises(VerificationError, match="QLinearSoftmax"):
+        qcompiler.compile(model, example_inputs=example, calib=calib, bits="w8a8")
+    r = qcompiler.compile(model, example_inputs=example, calib=calib, bits="w8a8", max_error=0.2)
+    assert r.checks["integer_kernels"]["unmodelled"] == ["MatMulIntegerToFloat", "QLinearSoftmax"]
     assert r.report["capture"]["path"] == "torch.export"
-    assert "symbolic_trace" not in (r.report["capture"]["fallback_reason"] or "") or \
-        r.report["capture"]["fallback_reason"]
+    # why symbolic_trace failed: the in-place item assignment's line, named by file and line
+    assert "(bias = torch.zeros(b, 1, t, t))" in r.report["capture"]["fallback_reason"], r.report["capture"]
     # All 7 Linear layers plus the 2 attention matmuls are quantized and run as integer kernels.
     assert len(r.program.artifacts["quantized_layers"]) == 9
     counts = ort_backend.optimized_op_counts(r.onnx_bytes)
     assert not set(counts) & ort_backend.FLOAT_COMPUTE, counts
     assert sum(counts[k] for k in ort_backend.INT_COMPUTE) >= 9, counts
-    assert r.checks["agreement"]["cosine"] > 0.99
-    # Same inputs through ORT and the fake-quant graph on fresh data.
     x = (torch.randn(64, 8, 32),)
     sess = ort_backend.session(r.onnx_bytes)
     with torch.no_grad():
-        ref = r.program.gm(*x)
+        ref = r.fake_quant(*x)
     got = torch.from_numpy(sess.run(None, ort_backend.feeds(sess, x))[0])
     assert (ref.argmax(1) == got.argmax(1)).float().mean() >= 0.95
     assert F.cosine_similarity(ref, got, dim=1).mean() > 0.99

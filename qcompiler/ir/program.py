@@ -3,6 +3,8 @@
 - ``model``: the user's ``nn.Module`` (never modified).
 - ``example_inputs``: a tuple of tensors used for capture and export.
 - ``calib``: the calibration batches (each a tuple of tensors, or a dict of keyword tensors).
+- ``verify``: batches the calibration never saw, for the target's check of the lowered model, and
+  ``verify_source``, a sentence saying where they came from (it goes into the report).
 - ``config``: the :class:`~qcompiler.ir.config.QConfig`.
 - ``target``: the deployment :class:`~qcompiler.ir.target.Target` (set by the pipeline).
 - ``gm``: the ``fx.GraphModule`` the passes rewrite (set by ``trace``).
@@ -79,6 +81,8 @@ class Program:
     target: Target | None = None
     gm: fx.GraphModule | None = None
     source: str = "<model>"
+    verify: list[Batch] = field(default_factory=list)
+    verify_source: str = ""
     artifacts: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -91,13 +95,49 @@ class Program:
                 yield node
 
 
+def batch_size(batch: Batch) -> int:
+    """The leading dimension of a batch's first tensor."""
+    return int(_shapes(batch)[0][1].shape[0])
+
+
+def _slice(batch: Batch, sl: slice) -> Batch:
+    if isinstance(batch, dict):
+        return {k: v[sl] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return tuple(v[sl] if isinstance(v, torch.Tensor) else v for v in batch)
+
+
+def split_holdout(batches: list[Batch], n: int) -> tuple[list[Batch], list[Batch]]:
+    """``(first, last)``: the batches with their last ``n`` samples cut off, and those samples.
+
+    A batch that straddles the cut is sliced along its leading dimension; order is kept.
+    """
+    total = sum(batch_size(b) for b in batches)
+    if not 0 < n < total:
+        raise ValueError(f"cannot hold out {n} of {total} samples")
+    first: list[Batch] = []
+    last: list[Batch] = []
+    seen = 0
+    for b in batches:
+        size, cut = batch_size(b), total - n
+        if seen + size <= cut:
+            first.append(b)
+        elif seen >= cut:
+            last.append(b)
+        else:
+            first.append(_slice(b, slice(0, cut - seen)))
+            last.append(_slice(b, slice(cut - seen, None)))
+        seen += size
+    return first, last
+
+
 def _shapes(batch: Batch) -> list[tuple[str, torch.Tensor]]:
     items = batch.items() if isinstance(batch, dict) else enumerate(batch)
     return [(str(k), v) for k, v in items if isinstance(v, torch.Tensor)]
 
 
-def check_calibration(calib: list[Batch], example_inputs: tuple | dict) -> None:
-    """Reject calibration data that is empty, not finite, or shaped unlike the example inputs.
+def check_calibration(calib: list[Batch], example_inputs: tuple | dict, what: str = "calibration") -> None:
+    """Reject calibration (or verification) data that is empty, not finite, or shaped unlike the
+    example inputs.
 
     Every tensor must match the example input at the same position (or key) in everything but
     the leading batch dimension, in dtype class (float vs integer), and be finite.
@@ -105,25 +145,25 @@ def check_calibration(calib: list[Batch], example_inputs: tuple | dict) -> None:
     from qcompiler.errors import CalibrationDataError
 
     if not calib:
-        raise CalibrationDataError("the calibration data is empty: calibration_data() must yield at least one batch")
+        raise CalibrationDataError(f"the {what} data is empty: it must hold at least one batch")
     ref = dict(_shapes(example_inputs))
     for i, batch in enumerate(calib):
         if not isinstance(batch, (tuple, dict)):
-            raise CalibrationDataError(f"calibration batch {i} is a {type(batch).__name__}; "
+            raise CalibrationDataError(f"{what} batch {i} is a {type(batch).__name__}; "
                                        "each batch must be a tuple of inputs or a dict of keyword inputs")
         got = dict(_shapes(batch))
         if set(got) != set(ref):
-            raise CalibrationDataError(f"calibration batch {i} has inputs {sorted(got)} but the model's example "
+            raise CalibrationDataError(f"{what} batch {i} has inputs {sorted(got)} but the model's example "
                                        f"inputs are {sorted(ref)}")
         for k, t in got.items():
             e = ref[k]
             if t.dim() != e.dim() or tuple(t.shape[1:]) != tuple(e.shape[1:]):
-                raise CalibrationDataError(f"calibration batch {i} input {k} has shape {tuple(t.shape)} but the "
+                raise CalibrationDataError(f"{what} batch {i} input {k} has shape {tuple(t.shape)} but the "
                                            f"model expects {('N',) + tuple(e.shape[1:])}")
             if t.dtype.is_floating_point != e.dtype.is_floating_point:
-                raise CalibrationDataError(f"calibration batch {i} input {k} has dtype {t.dtype}, the model "
+                raise CalibrationDataError(f"{what} batch {i} input {k} has dtype {t.dtype}, the model "
                                            f"expects {e.dtype}")
             if t.dtype.is_floating_point and not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
-                raise CalibrationDataError(f"calibration batch {i} input {k} contains {bad} NaN/Inf values; "
+                raise CalibrationDataError(f"{what} batch {i} input {k} contains {bad} NaN/Inf values; "
                                            "clean or re-preprocess the calibration data")

@@ -1,0 +1,84 @@
+"""The fake-quant model's integer arithmetic is ONNX Runtime's, to the last integer."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import qcompiler
+from qcompiler.backends.ort_numerics import QLinearAddKernel
+from qcompiler.quantizers.uniform import QSpec, UniformQuantizer
+
+from conftest import assert_ort_equals_fake_quant
+
+
+def _quantizer(scale: float, zp: int) -> UniformQuantizer:
+    q = UniformQuantizer(QSpec(8, False, False))
+    q.scale.data = torch.tensor(scale)
+    q.zero_point.data = torch.tensor(float(zp))
+    return q
+
+
+def _ort_qlinear_add(sa, za, sb, zb, sc, zc) -> ort.InferenceSession:
+    inits = [numpy_helper.from_array(np.array(v, dtype=np.float32 if isinstance(v, float) else np.uint8), n)
+             for n, v in (("sa", sa), ("za", za), ("sb", sb), ("zb", zb), ("sc", sc), ("zc", zc))]
+    node = helper.make_node("QLinearAdd", ["a", "sa", "za", "b", "sb", "zb", "sc", "zc"], ["c"],
+                            domain="com.microsoft")
+    io = [helper.make_tensor_value_info(n, TensorProto.UINT8, [None]) for n in "abc"]
+    graph = helper.make_graph([node], "add", io[:2], io[2:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_qlinear_add_matches_ort_on_every_pair_of_inputs():
+    a = torch.arange(256.0).repeat_interleave(256)
+    b = torch.arange(256.0).repeat(256)
+    rng = np.random.default_rng(0)
+    plain_misses = 0
+    for _ in range(12):
+        sa, sb, sc = (float(np.float32(rng.uniform(0.01, 0.2))) for _ in range(3))
+        za, zb, zc = (int(rng.integers(0, 256)) for _ in range(3))
+        got = _ort_qlinear_add(sa, za, sb, zb, sc, zc).run(
+            None, {"a": a.numpy().astype(np.uint8), "b": b.numpy().astype(np.uint8)})[0]
+        qa, qb, qc = _quantizer(sa, za), _quantizer(sb, zb), _quantizer(sc, zc)
+        kernel = QLinearAddKernel(qa, qb, qc, 0, 255)
+        out = kernel((a - za) * qa.scale.detach(), (b - zb) * qb.scale.detach())
+        assert torch.equal(torch.round(out / qc.scale.detach()) + zc, torch.from_numpy(got.astype(np.float32)))
+        # the float-requantizing fake-quant add, ((a - za) sa + (b - zb) sb) / sc rounded, misses some ties
+        plain = torch.round(((a - za) * sa + (b - zb) * sb) / sc) + zc
+        plain_misses += int((plain.clamp(0, 255) != torch.from_numpy(got.astype(np.float32))).sum())
+    assert plain_misses > 0
+
+
+class Wide(nn.Module):
+    """Convs (one depthwise), a residual add and a classifier, at 8 and 4 bits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 64, 3, padding=1)
+        self.c2 = nn.Conv2d(64, 64, 3, padding=1)
+        self.c3 = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c1(x))
+        y = torch.relu(self.c2(y)) + y
+        y = torch.nn.functional.relu6(self.c3(y))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("bits", ["w8a8", "w4a4"])
+def test_integer_exact_model_equals_ort(bits):
+    """(Where float requantization parts from ORT, on EfficientNet-Lite0: tests/test_pipeline.py.)"""
+    torch.manual_seed(0)
+    calib = [(torch.randn(32, 3, 16, 16),) for _ in range(4)]
+    r = qcompiler.compile(Wide().eval(), example_inputs=(torch.randn(1, 3, 16, 16),), calib=calib, bits=bits,
+                          first_last_8bit=False)
+    assert r.program.artifacts["integer_gm"].meta["qc.integer_kernels"] == 5  # 3 convs, the add, the fc
+    assert_ort_equals_fake_quant(r, (torch.randn(256, 3, 16, 16) * 2,))
