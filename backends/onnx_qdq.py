@@ -167,20 +167,11 @@ def build_deploy_graph(program: Program) -> tuple[fx.GraphModule, dict]:
         aq = _quantizer(gm, node, "act")
         if aq is None:
             continue
-        lo, hi = aq.qmin, aq.qmax
-        scale, zp = float(aq.scale), int(round(float(aq.zero_point)))
-        src = node.args[0]
-        while isinstance(src, fx.Node) and registry.kind(src, gm) in registry.CLAMP_KINDS and len(src.users) == 1:
-            a, b = registry.clamp_bounds(src, gm)
-            if a is not None:
-                lo = max(lo, _round_half_even(a / scale) + zp)
-            if b is not None:
-                hi = min(hi, _round_half_even(b / scale) + zp)
-            inner = registry.input_of(src)
-            node.args = (inner,) + tuple(node.args[1:])
-            gm.graph.erase_node(src)
-            src = inner
-            stats["folded_clamps"] += 1
+        src, lo, hi, clamps = integer_bounds(gm, node, aq)
+        node.args = (src,) + tuple(node.args[1:])
+        for clamp in clamps:  # outermost first: each is the only user of the next
+            gm.graph.erase_node(clamp)
+        stats["folded_clamps"] += len(clamps)
         if lo > hi:
             raise LoweringError(f"activation quantizer {node.name}: its clamp leaves an empty integer range")
         stats["clipped"] += int((lo, hi) not in ((0, 255), (-128, 127)))
@@ -194,6 +185,26 @@ def build_deploy_graph(program: Program) -> tuple[fx.GraphModule, dict]:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, stats
+
+
+def integer_bounds(gm: fx.GraphModule, node: fx.Node, q: UniformQuantizer
+                   ) -> tuple[object, int, int, list[fx.Node]]:
+    """(source, lo, hi, clamps): what activation quantizer ``node`` reads once the clamp-like
+    activations that only it reads are folded into its integer bounds, and those clamps (outermost
+    first). ``clamp(round(clip(x, a, b) / s) + z, lo, hi)`` equals ``clamp(round(x / s) + z,
+    max(lo, round(a / s) + z), min(hi, round(b / s) + z))`` because rounding is monotone."""
+    lo, hi = int(q.qmin), int(q.qmax)
+    scale, zp = float(q.scale), int(round(float(q.zero_point)))
+    src, clamps = node.args[0], []
+    while isinstance(src, fx.Node) and registry.kind(src, gm) in registry.CLAMP_KINDS and len(src.users) == 1:
+        a, b = registry.clamp_bounds(src, gm)
+        if a is not None:
+            lo = max(lo, _round_half_even(a / scale) + zp)
+        if b is not None:
+            hi = min(hi, _round_half_even(b / scale) + zp)
+        clamps.append(src)
+        src = registry.input_of(src)
+    return src, lo, hi, clamps
 
 
 def _round_half_even(x: float) -> int:

@@ -1,6 +1,6 @@
 """Compare compile settings on validation data: ORT top-1 on the model file's validation split.
 
-    python bench/tune.py [--model FILE.py] [--bits w8a8] [--out FILE.md] 'KEY=VALUE,KEY=VALUE' ...
+    python bench/tune.py [--model FILE.py] [--out FILE.md] "KEY=VALUE,KEY=VALUE" ... [--bits w8a8 ...]
 
 Each argument is one setting (compile options separated by commas; ``-`` for the defaults;
 ``weight_p=``, ``wide_weight_p=`` (weight grids of 7 bits or more) and ``act_p=`` set the range
@@ -43,7 +43,7 @@ def measure(model_file: str, bits: str, **options) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "models/resnet_cifar.py"))
-    p.add_argument("--bits", nargs="+", default=["w8a8"])
+    p.add_argument("--bits", nargs="+", default=["w8a8"], help="widths; put the settings before --bits")
     p.add_argument("--out")
     p.add_argument("settings", nargs="+", help="KEY=VALUE,KEY=VALUE (or - for the defaults)")
     args = p.parse_args(argv)

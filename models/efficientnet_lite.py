@@ -229,10 +229,7 @@ def example_inputs() -> tuple:
 
 def _data_dir() -> Path:
     """``$QCOMPILER_DATA`` if set, else ``shared/data`` beside the repository root."""
-    env = os.environ.get("QCOMPILER_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(os.environ.get("QCOMPILER_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 DATA_HINT = "Set QCOMPILER_DATA to the shared data directory."
@@ -247,10 +244,8 @@ def _load_npz(path: Path, what: str, hint: str = DATA_HINT) -> dict[str, np.ndar
     images = arrays.get("images")
     if images is None or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
         shape = None if images is None else images.shape
-        raise ValueError(
-            f"{path}: expected key 'images' with layout N x {IMAGE_SIZE} x {IMAGE_SIZE} x 3 "
-            f"(uint8 RGB, resized and centre-cropped), got shape {shape}"
-        )
+        raise ValueError(f"{path}: expected key 'images' with layout N x {IMAGE_SIZE} x {IMAGE_SIZE} x 3 "
+                         f"(uint8 RGB, resized and centre-cropped), got shape {shape}")
     return arrays
 
 

@@ -16,7 +16,8 @@ directory (``weights/resnet{depth}_cifar10.th``) or passed with ``weights=PATH``
 Data: the shared data directory is ``$QCOMPILER_DATA`` if set, else ``shared/data``
 next to the repository. Calibration defaults to the embedded
 ``models/data/cifar10_calib1k.npz`` (the first 1,024 images of the shared
-``cifar10/calib5k.npz``, CIFAR-10 training images). Evaluation uses the shared
+``cifar10/calib5k.npz``, CIFAR-10 training images). The compile's ORT check and
+``evaluate(split="val")`` (for tuning) use calib5k images 1,024 on. Evaluation uses the shared
 ``cifar10/test10k.npz`` (the 10,000 test images, decoded from a JPEG copy, hence about
 10 points below the published accuracy) when present, else the embedded
 ``models/data/cifar10_test500.npz`` (the first 50 test images of each class).

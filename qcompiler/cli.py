@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--w-asymmetric", dest="w_symmetric", action="store_false", default=None,
-                     help="asymmetric weights (a zero point per channel) wherever the target holds them, "
-                          "depthwise convs included (default: all but depthwise convs)")
+                     help="asymmetric weights (a zero point per channel) wherever the target holds them "
+                          "(the default), and log the layers where it cannot")
     sym.add_argument("--w-symmetric", dest="w_symmetric", action="store_true",
                      help="symmetric weights only (default: per-channel asymmetric where the target holds them)")
     p.add_argument("--w-init", default="mse", help="weight range: mse (default) or minmax")

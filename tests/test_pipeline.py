@@ -104,7 +104,7 @@ def test_activation_width_is_for_what_compute_layers_read(a_bits_all):
 
 
 @pytest.mark.parametrize("w_symmetric", [None, False, True])
-def test_weight_grids_by_default_centered_except_depthwise(w_symmetric, efficientnet):
+def test_weight_grids_by_default_centered_depthwise_included(w_symmetric, efficientnet):
     r = qcompiler.compile(str(MODELS / "efficientnet_lite.py"), bits="w4a4", stop_after="insert_quantizers",
                           w_symmetric=w_symmetric, model_args={"num": 8})
     gm = r.program.gm
@@ -113,7 +113,7 @@ def test_weight_grids_by_default_centered_except_depthwise(w_symmetric, efficien
         w = registry.get_tensor(gm, str(n.args[0].target))
         kind = "8-bit" if n.meta["qc.qspec"].bits > 4 else "depthwise" if w.dim() == 4 and w.shape[1] == 1 else "other"
         specs.setdefault(kind, set()).add((n.meta["qc.qspec"].symmetric, n.meta["qc.qspec"].centered))
-    centered = {"depthwise": w_symmetric is False, "other": w_symmetric is not True, "8-bit": False}
+    centered = {"depthwise": w_symmetric is not True, "other": w_symmetric is not True, "8-bit": False}
     assert specs.keys() == centered.keys()
     for kind, specs_of_kind in specs.items():
         assert specs_of_kind == {(not centered[kind], centered[kind])}, kind

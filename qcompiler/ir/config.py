@@ -47,9 +47,9 @@ class QConfig:
     method: str = "rtn"
     target: str = "onnx-int8"
     per_channel: bool = True
-    # None: asymmetric weights where the target holds them (centered, see uniform.py), except in
-    # depthwise convs; symmetric elsewhere. True / False: symmetric everywhere / asymmetric wherever
-    # the target holds them, depthwise convs included.
+    # None (default) / False: asymmetric weights where the target holds them (centered, see
+    # uniform.py), symmetric elsewhere; False also logs the layers that stay symmetric. True:
+    # symmetric everywhere.
     w_symmetric: bool | None = None
     w_midrise: int = 2  # grids of at most this many bits may sit half a step off zero (0: never)
     # a_bits applies to what compute ops read; True: also to tensors only adds and outputs read
