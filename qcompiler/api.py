@@ -82,6 +82,12 @@ def _as_batches(data: Any) -> list[Batch]:
     return out
 
 
+def fake_quant_model(program: Program) -> nn.Module:
+    """The fake-quant model: computed with the target's integer arithmetic when the target's check
+    made that version (``artifacts["integer_gm"]``), else the graph as the passes left it."""
+    return program.artifacts.get("integer_gm", program.gm)
+
+
 @dataclass
 class CompileResult:
     """What a compile produced: the program (fake-quant graph), the ONNX path, report and metrics."""
@@ -97,9 +103,8 @@ class CompileResult:
 
     @property
     def fake_quant(self) -> nn.Module:
-        """The fake-quant model, computed with the target's integer arithmetic when its check made that
-        version (``artifacts["integer_gm"]``), else the float-arithmetic graph."""
-        return self.program.artifacts.get("integer_gm", self.program.gm)
+        """The fake-quant model (see :func:`fake_quant_model`)."""
+        return fake_quant_model(self.program)
 
     @property
     def onnx_bytes(self) -> bytes:
@@ -263,7 +268,7 @@ def run_evaluation(module: ModuleType, program: Program, kwargs: dict[str, Any])
     metrics: dict[str, dict] = {}
     runs: dict[str, Callable] = {
         "float": lambda b: call(program.model, b),
-        "fake_quant": lambda b: call(CompileResult(program, None, {}).fake_quant, b),
+        "fake_quant": lambda b: call(fake_quant_model(program), b),
     }
     if "onnx_bytes" in program.artifacts:
         runs["ort"] = ort_backend.runner(ort_backend.session(program.artifacts["onnx_bytes"]))
