@@ -30,7 +30,8 @@ from qcompiler.errors import ConfigError, PostconditionError, PreconditionError
 from qcompiler.ir import registry
 from qcompiler.ir.passes import Pass, PassResult, require_graph
 from qcompiler.ir.program import Program
-from qcompiler.quantizers.uniform import BiasQuantizer, QSpec, UniformQuantizer
+from qcompiler.quantizers.bias import BiasQuantizer
+from qcompiler.quantizers.uniform import QSpec, UniformQuantizer
 
 log = logging.getLogger("qcompiler.insert_quantizers")
 

@@ -64,8 +64,9 @@ from qcompiler.ir.passes import Pass, PassResult, require_graph
 from qcompiler.ir.program import Program
 from qcompiler.passes.partition import Unit, _is_param_side
 from qcompiler.quantizers.adaround import AdaRoundQuantizer, BetaSchedule, rectified_sigmoid
+from qcompiler.quantizers.bias import BiasQuantizer
 from qcompiler.quantizers.lsq import LSQQuantizer
-from qcompiler.quantizers.uniform import BiasQuantizer, MaskPool, in_layout_of, memory_order, qdrop_mix, take_rows
+from qcompiler.quantizers.qdrop import MaskPool, in_layout_of, memory_order, qdrop_mix, take_rows
 
 log = logging.getLogger("qcompiler.reconstruct")
 

@@ -9,8 +9,8 @@ import torch
 from onnx import TensorProto, helper
 
 from qcompiler.backends import ort as ort_backend
+from qcompiler.quantizers.bias import BiasQuantizer
 from qcompiler.quantizers.uniform import (
-    BiasQuantizer,
     QSpec,
     UniformQuantizer,
     fake_quant,
@@ -102,7 +102,8 @@ def test_bias_quantizer_fused_function_matches_straight_through_composition(per_
     """One autograd node gives the values of ``clamp(round_ste(b / s)) * s`` bit for bit, and its
     gradients to the bias and to both steps (the activation's, LSQ-trained, and a trained weight
     step), also for a bias clamped at the int32 limit."""
-    from qcompiler.quantizers.uniform import INT32_LIMIT, round_ste
+    from qcompiler.quantizers.bias import INT32_LIMIT
+    from qcompiler.quantizers.uniform import round_ste
 
     a = UniformQuantizer(QSpec(4, False, False))
     a.set_range(torch.tensor(0.0), torch.tensor(1.5))

@@ -10,7 +10,8 @@ import torch
 from qcompiler.quantizers import lsq
 from qcompiler.quantizers.adaround import AdaRoundQuantizer, BetaSchedule, rectified_sigmoid
 from qcompiler.quantizers.lsq import LSQQuantizer
-from qcompiler.quantizers.uniform import MaskPool, QSpec, UniformQuantizer, fake_quant, search_range
+from qcompiler.quantizers.qdrop import MaskPool
+from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, fake_quant, search_range
 
 
 def _weight_quantizer(symmetric: bool, method: str = "minmax", seed: int = 0, bits: int = 4, midrise: bool = False
@@ -215,7 +216,7 @@ def test_lsq_forward_equals_fake_quant(signed: bool) -> None:
 def test_lsq_fused_gradients_match_autograd_composition_under_qdrop(axis: int | None) -> None:
     """The fused LSQ function gives the gradients autograd gives for where(keep, x, fake_quant(x))."""
     from qcompiler.quantizers.lsq import grad_scale_reference
-    from qcompiler.quantizers.uniform import MaskPool
+    from qcompiler.quantizers.qdrop import MaskPool
 
     gen = torch.Generator().manual_seed(9)
     channels = 3 if axis is not None else None
@@ -409,7 +410,7 @@ def test_centered_asymmetric_grid_deploys_with_zero_zero_point(bits: int, halves
 
 
 def test_take_rows_equals_indexing_in_the_same_layout() -> None:
-    from qcompiler.quantizers.uniform import take_rows
+    from qcompiler.quantizers.qdrop import take_rows
 
     idx = torch.tensor([3, 0, 3, 5])
     for t in (torch.randn(6, 4, 3, 5).contiguous(memory_format=torch.channels_last), torch.randn(6, 4, 3, 5),

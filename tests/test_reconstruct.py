@@ -7,7 +7,8 @@ import torch
 
 import qcompiler
 from qcompiler.passes.reconstruct import Reconstruct
-from qcompiler.quantizers.uniform import MaskPool, QSpec, UniformQuantizer
+from qcompiler.quantizers.qdrop import MaskPool
+from qcompiler.quantizers.uniform import QSpec, UniformQuantizer
 
 from conftest import MODELS, assert_ort_equals_fake_quant
 

@@ -123,17 +123,17 @@ def test_a_broken_lowering_fails_the_compile_cleanly(tiny, tmp_path, capsys, mon
     _clean_failure(capsys, code, out, *needles)
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--verify-samples", "0"], "verify_samples=0"),
-    (["--min-agreement", "0"], "min_agreement=0.0"),
-    (["--max-error", "1"], "max_error=1.0"),
-    (["--min-agreement", "1.5"], "min_agreement=1.5"),
+@pytest.mark.parametrize("args, option, needle", [
+    (["--verify-samples", "0"], {"verify_samples": 0}, "verify_samples=0"),
+    (["--min-agreement", "0"], {"min_agreement": 0.0}, "min_agreement=0.0"),
+    (["--max-error", "1"], {"max_error": 1.0}, "max_error=1.0"),
+    (["--min-agreement", "1.5"], {"min_agreement": 1.5}, "min_agreement=1.5"),
 ])
-def test_verification_settings_are_validated(tiny, tmp_path, capsys, args, needle):
+def test_verification_settings_are_validated(tiny, tmp_path, capsys, args, option, needle):
     out = tmp_path / "o.onnx"
     _clean_failure(capsys, main([str(tiny), "-q", "-o", str(out), *args]), out, needle)
-    with pytest.raises(ConfigError):
-        qcompiler.compile(str(tiny), **{"verify_samples": 0} if "verify" in args[0] else {"min_agreement": 0.0})
+    with pytest.raises(ConfigError, match=needle):
+        qcompiler.compile(str(tiny), **option)
 
 
 def test_verification_holds_out_calibration_samples_and_records_it(tiny):

@@ -25,7 +25,8 @@ import math
 import torch
 
 from qcompiler.quantizers import native
-from qcompiler.quantizers.uniform import UniformQuantizer, _bcast, mix, round_ste
+from qcompiler.quantizers.qdrop import mix
+from qcompiler.quantizers.uniform import UniformQuantizer, _bcast, round_ste
 
 
 class _LSQFakeQuant(torch.autograd.Function):

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qcompiler.quantizers.qdrop import MaskPool, keep_mask, qdrop_mix
+
 
 @dataclass(frozen=True)
 class QSpec:
@@ -146,7 +148,6 @@ ACT_MSE_P = 2.4
 WEIGHT_MSE_P = 2.4
 WIDE_WEIGHT_MSE_P = 2.0
 WIDE_WEIGHT_BITS = 7
-MSE_P = ACT_MSE_P
 
 
 def weight_mse_p(bits: int) -> float:
@@ -154,7 +155,7 @@ def weight_mse_p(bits: int) -> float:
     return WIDE_WEIGHT_MSE_P if bits >= WIDE_WEIGHT_BITS else WEIGHT_MSE_P
 
 
-def _lp_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, p: float = MSE_P) -> torch.Tensor:
+def _lp_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, p: float = ACT_MSE_P) -> torch.Tensor:
     """Mean |x - fq(x)|^p per row of ``x`` (rows = channels) for the grid given by [lo, hi]."""
     scale, zp = params_from_range(lo, hi, spec)
     if spec.midrise:
@@ -165,7 +166,7 @@ def _lp_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QSpec, 
 
 
 @torch.no_grad()
-def search_range(x2d: torch.Tensor, spec: QSpec, steps: int = 80, p: float = MSE_P
+def search_range(x2d: torch.Tensor, spec: QSpec, steps: int = 80, p: float = ACT_MSE_P
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row [lo, hi] minimising the Lp quantization error over shrunk min-max ranges.
 
@@ -187,7 +188,7 @@ def search_range(x2d: torch.Tensor, spec: QSpec, steps: int = 80, p: float = MSE
 
 
 @torch.no_grad()
-def search_grid(x2d: torch.Tensor, spec: QSpec, steps: int = 10, p: float = MSE_P
+def search_grid(x2d: torch.Tensor, spec: QSpec, steps: int = 10, p: float = ACT_MSE_P
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero point) of an asymmetric grid minimising the mean ``|x - fq(x)|^p``.
 
@@ -229,95 +230,6 @@ def search_grid(x2d: torch.Tensor, spec: QSpec, steps: int = 10, p: float = MSE_
         for dz in range(-int(2 / zstep), int(2 / zstep) + 1):
             trial(frac, (coarse_z + dz * zstep).clamp(spec.qmin, spec.qmax))
     return (width * best_f / levels).clamp(min=1e-8), best_z
-
-
-class MaskPool:
-    """Bernoulli(p) keep-masks for QDrop, cut from one pre-drawn pool at random offsets.
-
-    Drawing a fresh uniform tensor per activation per step costs as much as the convolutions on
-    CPU; slices of a large pool (re-offset by the seeded generator every call) are as good for
-    dropping and deterministic for a given seed. The pool is redrawn, once, at twice the size of a
-    mask larger than half of it. Masks are float 0/1 tensors (1 = keep float): on CPU, arithmetic
-    with a float mask is several times faster than ``where`` with a bool one.
-    """
-
-    def __init__(self, p: float, generator: torch.Generator, size: int = 1 << 23) -> None:
-        self.p = p
-        self.gen = generator
-        self.pool = self._draw(size)
-
-    def _draw(self, size: int) -> torch.Tensor:
-        return (torch.rand(size, generator=self.gen) < self.p).float()
-
-    def mask(self, like: torch.Tensor) -> torch.Tensor:
-        """A mask of ``like``'s shape, laid out in memory as ``like`` is (see ``empty_like``)."""
-        n = like.numel()
-        if 2 * n > self.pool.numel():  # keep at least n + 1 offsets: redraw the pool at twice the mask
-            self.pool = self._draw(2 * n)
-        start = int(torch.randint(0, self.pool.numel() - n + 1, (1,), generator=self.gen))
-        return in_layout_of(self.pool[start:start + n], like)
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def in_layout_of(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``flat`` (1-D, ``like.numel()`` values) viewed with ``like``'s shape and memory order.
-
-    For a contiguous ``like`` this is ``flat.view(shape)``; for a channels-last one the values fill
-    memory in the same order, so an elementwise kernel may walk both tensors' memory together.
-    """
-    if _channels_last(like):
-        n, c, h, w = like.shape
-        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
-    return flat.view(like.shape)
-
-
-def memory_order(t: torch.Tensor) -> torch.Tensor:
-    """The values of ``t`` as one vector in memory order (``in_layout_of``'s inverse): a view for
-    contiguous and channels-last tensors, a copy otherwise."""
-    return t.permute(0, 2, 3, 1).reshape(-1) if _channels_last(t) else t.reshape(-1)
-
-
-def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t[idx]`` (rows along dim 0) in ``t``'s memory layout, the same values.
-
-    Each row of a contiguous or channels-last tensor is one block of memory; ``index_select`` on
-    that two-dimensional view (``memory_order``'s, one row per sample) copies whole blocks, where
-    advanced indexing of the four-dimensional channels-last tensor walks it element by element.
-    """
-    if t.dim() == 0 or not (t.is_contiguous() or _channels_last(t)):
-        return t[idx]
-    rows = memory_order(t).view(t.shape[0], -1).index_select(0, idx)
-    if _channels_last(t):
-        n, c, h, w = t.shape
-        return rows.view(idx.numel(), h, w, c).permute(0, 3, 1, 2)
-    return rows.view(idx.numel(), *t.shape[1:])
-
-
-def keep_mask(like: torch.Tensor, p: float, masks: MaskPool | None = None) -> torch.Tensor | None:
-    """QDrop's Bernoulli(``p``) keep-mask for ``like`` (its shape and memory layout), float 1 = stay
-    float; None when ``p <= 0`` (nothing kept)."""
-    if p <= 0.0:
-        return None
-    if p >= 1.0:
-        return torch.ones_like(like)
-    return masks.mask(like) if masks is not None else (torch.rand_like(like) < p).float()
-
-
-def mix(x: torch.Tensor, xq: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``x`` where ``keep`` is 1, ``xq`` where it is 0: ``lerp`` is exact at both ends and is one pass."""
-    return torch.lerp(xq, x, keep)
-
-
-def qdrop_mix(x: torch.Tensor, xq: torch.Tensor, p: float, masks: MaskPool | None = None) -> torch.Tensor:
-    """QDrop: each element is ``x`` (float) with probability ``p``, else ``xq`` (quantized)."""
-    if p <= 0.0:
-        return xq
-    if p >= 1.0:
-        return x
-    return mix(x, xq, keep_mask(x, p, masks))
 
 
 class RangeObserver:
@@ -486,84 +398,3 @@ class UniformQuantizer(nn.Module):
     def stored_zero_point(self) -> torch.Tensor:
         """The zero point of the stored integers: 0 for midrise and centered grids."""
         return torch.zeros_like(self.zero_point) if self.spec.midrise or self.spec.centered else self.zero_point
-
-
-#: The largest magnitude a stored bias takes: int32, kept to a float32-exact value (2**31 - 1 is not
-#: one; it rounds to 2**31, which overflows the conversion to int32).
-INT32_LIMIT = 2**31 - 128
-#: The largest bias, in accumulator steps, that calibration lets a channel start with (``Calibrate``
-#: widens the weight step of a channel whose bias would exceed it): far inside int32, so the sum of
-#: products still fits, and an activation step that LSQ later shrinks up to 128-fold keeps it in range.
-BIAS_HEADROOM = 2**24
-
-
-class _BiasFakeQuant(torch.autograd.Function):
-    """``clamp(round(b / s), -INT32_LIMIT, INT32_LIMIT) * s`` with ``s = s_act * s_w``, straight-through
-    round, as one autograd node: the values of the composition with ``round_ste`` bit for bit, its
-    gradients up to the order of products, in fewer operations (a bias is a few dozen numbers:
-    dispatching each operation costs more than computing it).
-    """
-
-    @staticmethod
-    def forward(ctx, b, s_act, s_w):
-        s = s_act * s_w
-        v = b / s
-        r = torch.round(v)
-        q = torch.clamp(r, -INT32_LIMIT, INT32_LIMIT)
-        ctx.save_for_backward(v, q, q == r, s_act, s_w)
-        return q * s
-
-    @staticmethod
-    def backward(ctx, g):
-        v, q, inside, s_act, s_w = ctx.saved_tensors
-        gb = g * inside if ctx.needs_input_grad[0] else None
-        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-            return gb, None, None
-        gs = g * (q - v * inside)  # d out / d s: q - v inside the range, q where clamped
-        g_act = (gs * s_w).sum().reshape(s_act.shape) if ctx.needs_input_grad[1] else None
-        g_w = None
-        if ctx.needs_input_grad[2]:
-            g_w = gs * s_act
-            g_w = g_w.sum() if s_w.dim() == 0 else g_w
-        return gb, g_act, g_w
-
-
-class BiasQuantizer(nn.Module):
-    """Fake-quantizes a bias the way integer kernels store it: int32 with scale ``s_in * s_w``.
-
-    Integer conv/matmul kernels add the bias to the int32 accumulator, so the bias is rounded to
-    the accumulator's grid. Modelling that rounding keeps the fake-quant model bit-faithful to the
-    deployed one (without it, rounding ties flip and 4-bit models drift apart). The two quantizers
-    are referenced, not owned: they stay registered where they are.
-
-    ``shift`` (per channel, zero until reconstruction's bias correction sets it) is added to the
-    bias of the quantized layer only: with the quantizers off the layer keeps its float bias.
-    """
-
-    def __init__(self, act: UniformQuantizer, weight: UniformQuantizer, channels: int | None = None) -> None:
-        super().__init__()
-        self.refs = (act, weight)  # a tuple is not registered as submodules
-        self.register_buffer("shift", torch.zeros(() if channels is None else (channels,)))
-
-    def step(self) -> torch.Tensor:
-        act, weight = self.refs
-        return act.scale.reshape(()) * weight.stored_scale()
-
-    def forward(self, b: torch.Tensor) -> torch.Tensor:
-        act, weight = self.refs
-        if act.mode != "quant" or weight.mode != "quant":
-            return b
-        return _BiasFakeQuant.apply(b + self.shift, act.scale.reshape(()), weight.stored_scale())  # as stored
-
-    def headroom_step(self, b: torch.Tensor) -> torch.Tensor:
-        """Per output channel, the smallest stored weight step at which ``b`` is at most
-        ``BIAS_HEADROOM`` accumulator steps (with the activation's current step)."""
-        act, _ = self.refs
-        return (b.detach() + self.shift).abs() / (act.scale.detach().reshape(()) * BIAS_HEADROOM)
-
-    @torch.no_grad()
-    def int_repr(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int32 values, per-channel scale) of the stored bias."""
-        s = self.step().detach().float()
-        s = s.expand(b.shape[0]).contiguous() if s.dim() == 0 else s
-        return torch.clamp(torch.round((b + self.shift) / s), -INT32_LIMIT, INT32_LIMIT).to(torch.int32), s
