@@ -29,12 +29,14 @@ import torch
 from onnxscript import opset18 as op
 from torch import fx, nn
 
+from qcompiler.config import QuantConfig, TargetOptions
 from qcompiler.errors import LoweringError, PreconditionError
 from qcompiler.ir import registry
+from qcompiler.ir.annotation import Annotations, annotate_by_placement
 from qcompiler.ir.passes import Pass, PassResult, require_graph
-from qcompiler.ir.program import Program, export_args
+from qcompiler.ir.program import Lowered, Program, export_args
 from qcompiler.ir.target import Placement
-from qcompiler.quantizers.uniform import UniformQuantizer
+from qcompiler.quantizers.uniform import QSpec, UniformQuantizer
 
 log = logging.getLogger("qcompiler.onnx_qdq")
 
@@ -233,7 +235,7 @@ def strip_metadata(model: onnx.ModelProto) -> None:
 
 
 class LowerOnnxQdq(Pass):
-    """Lower the fake-quant program to an ONNX QDQ model (``artifacts['onnx_bytes']``)."""
+    """Lower the fake-quant program to an ONNX QDQ model (``program.lowered``)."""
 
     name = "lower_onnx_qdq"
 
@@ -251,15 +253,14 @@ class LowerOnnxQdq(Pass):
         except Exception as exc:  # noqa: BLE001 - name what broke the export
             raise LoweringError(f"ONNX export of {program.source} failed: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-        program.artifacts["deploy_gm"] = deploy
-        program.artifacts["onnx_bytes"] = data
+        program.lowered = Lowered(onnx_bytes=data, deploy_gm=deploy)
         stats["bytes"] = len(data)
         return PassResult(True, stats)
 
     def ensures(self, program: Program) -> None:
-        model = onnx.load_from_string(program.artifacts["onnx_bytes"])
+        model = onnx.load_from_string(program.lowered.onnx_bytes)
         types = {n.op_type for n in model.graph.node}
-        if program.artifacts.get("quantized_layers") and "DequantizeLinear" not in types:
+        if program.state.quantized_layers and "DequantizeLinear" not in types:
             raise LoweringError("the exported model has no DequantizeLinear: quantization was lost in export")
 
 
@@ -271,20 +272,50 @@ class OnnxInt8Target:
     (VPMADDUBSW): 255 * 127 * 2 overflows and the deployed model silently computes something else.
     With ``reduce_range`` (the default) weights use at most 7 bits, [-64, 63], which never
     saturates; turn it off only for models deployed on VNNI CPUs (the agreement check catches the
-    saturation when it happens on the compiling machine).
+    saturation when it happens on the compiling machine). Depthwise convs run on a direct int32
+    kernel, not the pairwise int16 one: their 8 bits stay exact.
     """
 
     name = "onnx-int8"
 
-    def __init__(self, reduce_range: bool = True) -> None:
-        self.reduce_range = reduce_range
+    def __init__(self, options: TargetOptions | None = None) -> None:
+        self.options = options or TargetOptions()
 
     def placement(self) -> Placement:
-        # Depthwise convs run on a direct int32 kernel, not the pairwise int16 one: 8 bits stay exact.
-        return Placement(act_signed=False, weight_signed=True, max_weight_bits=7 if self.reduce_range else 8,
+        return Placement(act_signed=False, weight_signed=True, max_weight_bits=7 if self.options.reduce_range else 8,
                          max_weight_bits_depthwise=8)
+
+    def annotate(self, gm: fx.GraphModule, quant: QuantConfig) -> Annotations:
+        """Integer-kernel placement (``annotate_by_placement``) with this target's weight grids."""
+        return annotate_by_placement(gm, quant, self.placement(), self.weight_spec)
+
+    def weight_spec(self, bits: int, depthwise: bool, quant: QuantConfig) -> tuple[QSpec, list[str]]:
+        """The weight grid of a layer that asks for ``bits``.
+
+        Rule: at most the width the kernels compute exactly (``narrowed`` otherwise). QLinearConv
+        takes only zero weight zero points with per-channel weights, so asymmetric weights (the
+        default) are stored centered (q - z, one more bit) where that fits, else stay symmetric
+        (``kept symmetric``, noted when asymmetric was asked for). Grids of at most ``w_midrise``
+        bits sit half a step off zero when the wider integers still fit: centered ones with
+        half-integer zero points (two more bits), symmetric ones on the zero-free midrise grid.
+        """
+        place = self.placement()
+        max_bits = place.max_weight_bits_depthwise if depthwise else place.max_weight_bits
+        w_bits = min(bits, max_bits)
+        notes = ["narrowed"] if w_bits < bits else []
+        symmetric, centered = quant.w_symmetric is True, False
+        if not symmetric and place.weight_zero_point_zero:
+            centered = place.weight_signed and w_bits + 1 <= max_bits
+            symmetric = not centered
+            if symmetric and quant.w_symmetric is False:
+                notes.append("kept symmetric")
+        halves = centered and w_bits <= quant.w_midrise and w_bits + 2 <= max_bits
+        midrise = symmetric and w_bits <= quant.w_midrise and place.weight_signed and w_bits + 1 <= max_bits
+        spec = QSpec(w_bits, place.weight_signed, symmetric, 0 if quant.per_channel else None, midrise, centered,
+                     halves)
+        return spec, notes
 
     def lowering_passes(self) -> list[Pass]:
         from qcompiler.backends.ort import VerifyOrt
 
-        return [LowerOnnxQdq(), VerifyOrt()]
+        return [LowerOnnxQdq(), VerifyOrt(self.options)]

@@ -6,8 +6,8 @@ Rules of the checks that end every compile (a failure is an error, not a warning
   Conv/Gemm/MatMul may remain and there must be at least one integer kernel (QLinearConv,
   ConvInteger, QLinearMatMul, MatMulInteger, QGemm, ...) per quantized compute layer.
 - Agreement: on inputs calibration never saw (``program.verify``), ORT's outputs must match the
-  fake-quant torch model: top-1 agreement >= ``config.min_agreement`` for classifier-shaped
-  outputs, and every sample within a relative error of ``config.max_error``.
+  fake-quant torch model: top-1 agreement >= ``min_agreement`` for classifier-shaped outputs, and
+  every sample within a relative error of ``max_error`` (``TargetOptions``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import onnxruntime as ort
 import torch
 
 from qcompiler.backends.ort_numerics import EMULATED, integer_exact
+from qcompiler.config import TargetOptions
 from qcompiler.errors import PreconditionError, VerificationError
 from qcompiler.ir.passes import Pass, PassResult
 from qcompiler.ir.program import Batch, Program, call, flat_outputs
@@ -166,35 +167,38 @@ def take_samples(batches: list[Batch], n: int) -> list[Batch]:
 class VerifyOrt(Pass):
     """Check the lowered model in ONNX Runtime: integer kernels present, outputs agree.
 
-    Rule: on ``program.verify`` (inputs calibration never saw; at most ``config.verify_samples``
-    samples) ORT's top-1 agrees with the fake-quant model's on at least ``config.min_agreement``
-    of the samples and no sample's output is further than ``config.max_error`` (relative) from the
+    Rule: on ``program.verify`` (inputs calibration never saw; at most ``options.verify_samples``
+    samples) ORT's top-1 agrees with the fake-quant model's on at least ``options.min_agreement``
+    of the samples and no sample's output is further than ``options.max_error`` (relative) from the
     fake-quant one. Failing either is a VerificationError. The fake-quant model is computed with ORT's integer
     arithmetic (:func:`~qcompiler.backends.ort_numerics.integer_exact`, kept as
-    ``artifacts["integer_gm"]``): on this CPU's kernels the two agree bit for bit, so any difference
+    ``program.lowered.integer_gm``): on this CPU's kernels the two agree bit for bit, so any difference
     is a lowering that computes something else.
     """
 
     name = "verify_ort"
 
     def requires(self, program: Program) -> None:
-        if "onnx_bytes" not in program.artifacts:
+        if program.lowered is None:
             raise PreconditionError("verify_ort needs a lowered model: run lower_onnx_qdq first")
         if not program.verify:
             raise PreconditionError("verify_ort needs verification inputs (program.verify): inputs the "
                                     "calibration did not see")
 
+    def __init__(self, options: TargetOptions | None = None) -> None:
+        self.options = options or TargetOptions()
+
     def run(self, program: Program) -> PassResult:
-        cfg = program.config
-        data = program.artifacts["onnx_bytes"]
-        kernels = check_integer_kernels(data, len(program.artifacts.get("quantized_layers", [])))
+        cfg = self.options
+        data = program.lowered.onnx_bytes
+        kernels = check_integer_kernels(data, len(program.state.quantized_layers))
         sess = session(data)
         exact = integer_exact(program.gm)
-        program.artifacts["integer_gm"] = exact
+        program.lowered.integer_gm = exact
         agree = compare(exact, sess, take_samples(program.verify, cfg.verify_samples))
         agree["integer_kernels_emulated"] = exact.meta["qc.integer_kernels"]
         agree["inputs"] = program.verify_source
-        checks = program.artifacts.setdefault("checks", {})
+        checks = program.checks
         checks["integer_kernels"] = kernels
         checks["agreement"] = agree
         top1 = agree.get("top1_agreement")

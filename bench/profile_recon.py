@@ -27,7 +27,8 @@ def floor_ms(gm, unit, batch: int, reps: int = 20) -> float:
     """Median ms of a float forward+backward of ``unit`` (weights require grad, inputs random)."""
     import torch
 
-    from qcompiler.passes.reconstruct import Reconstruct, unit_module
+    from qcompiler.passes.reconstruct import Reconstruct
+    from qcompiler.passes.reconstruct.units import unit_module
 
     sub = unit_module(gm, unit, [])
     shapes = {n.name: n.meta["tensor_meta"].shape for n in gm.graph.nodes if "tensor_meta" in n.meta}
@@ -69,14 +70,14 @@ def main(argv: list[str] | None = None) -> int:
                           batch_size=args.batch_size, stop_after="reconstruct")
     if prof:
         prof.disable()
-    gm, units = r.program.gm, r.program.artifacts["units"]
+    gm, units = r.program.gm, r.program.units
     ShapeProp(gm).propagate(*r.program.calib[0])
     recs = r.report["reconstruction"]["units"]
     print("| unit | ms per iteration | float fwd+bwd floor ms | ratio |\n|---|---|---|---|")
     tot, tot_floor = 0.0, 0.0
     for unit, rec in zip(units, recs, strict=True):
         ms = 1e3 * rec["seconds"] / args.iters
-        fl = floor_ms(gm, unit, r.program.config.batch_size)
+        fl = floor_ms(gm, unit, r.program.config.recon.batch_size)
         tot, tot_floor = tot + ms, tot_floor + fl
         print(f"| {unit.name} | {ms:.1f} | {fl:.1f} | {ms / fl:.2f} |")
     print(f"| all | {tot:.1f} | {tot_floor:.1f} | {tot / tot_floor:.2f} |")

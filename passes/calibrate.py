@@ -7,8 +7,9 @@ their range from what they saw (``a_init``: min-max, MSE search, or the percenti
 Afterwards every quantizer fake-quantizes: the program computes what round-to-nearest deploys.
 
 ``Calibrate(weights=False)`` (pass name ``recalibrate``) keeps the weight quantizers as they are and
-only re-observes the activations: the methods that reconstruct weights with float activations
-(AdaRound, BRECQ) calibrate their activations after, on the reconstructed weights.
+only re-observes the activations, unless reconstruction learned them
+(``program.state.activations_learned``): the methods that reconstruct weights with float
+activations (AdaRound, BRECQ) calibrate their activations after, on the reconstructed weights.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class Calibrate(Pass):
         check_calibration(program.calib, program.example_inputs)
 
     def run(self, program: Program) -> PassResult:
-        gm, cfg = program.gm, program.config
+        if not self.weights and program.state.activations_learned:
+            return PassResult(False, {"skipped": "reconstruction learned the activations"})
+        gm, cfg = program.gm, program.config.quant
         for node in program.quantizer_nodes("weight") if self.weights else []:
             q = gm.get_submodule(node.target)
             w_node = node.args[0]
@@ -70,35 +73,22 @@ class Calibrate(Pass):
                 raise CalibrationDataError(f"activation quantizer {node.name} saw no data") from exc
             q.mode = "quant"
         widened = self._fit_biases(program) if self.weights else 0
+        program.state.calibrated = True
         return PassResult(True, {"weights": sum(1 for _ in program.quantizer_nodes("weight")) if self.weights else 0,
                                  "activations": len(acts), "batches": len(program.calib),
                                  "widened_for_bias": widened})
 
     @staticmethod
-    @torch.no_grad()
     def _fit_biases(program: Program) -> int:
-        """Widen the weight step of output channels whose bias would not fit the int32 accumulator.
-
-        Integer kernels add the bias to the accumulator, at step ``s_in * s_w``. A channel whose
-        weights are all but zero (a "dead" channel after BatchNorm folding) gets a tiny ``s_w`` from
-        its weights, and a bias of a few units is then billions of steps: stored as int32, it is
-        clamped to another value. Such a channel's step is raised to what the bias needs
-        (``BiasQuantizer.headroom_step``); its weights round to zero either way. Returns the number
-        of channels widened.
-        """
+        """Each bias quantizer widens the weight steps its bias needs (``BiasQuantizer.fit_weight_step``);
+        returns the number of channels widened."""
         gm = program.gm
         widened = 0
         for node in program.quantizer_nodes("bias"):
-            bq = gm.get_submodule(node.target)
-            _, wq = bq.refs
-            need = bq.headroom_step(registry.get_tensor(gm, str(node.args[0].target)).float())
-            floor = need * wq.store_factor() if wq.scale.dim() else need.max() * wq.store_factor()
-            low = wq.scale < floor
-            if bool(low.any()):
-                widened += int(low.sum())
-                wq.scale.data = torch.where(low, floor, wq.scale)
-                log.info("%s: weight step of %d channel(s) widened so that the bias fits int32",
-                         node.name, int(low.sum()))
+            n = gm.get_submodule(node.target).fit_weight_step(registry.get_tensor(gm, str(node.args[0].target)))
+            if n:
+                log.info("%s: weight step of %d channel(s) widened so that the bias fits int32", node.name, n)
+            widened += n
         return widened
 
     def ensures(self, program: Program) -> None:

@@ -19,31 +19,17 @@ combine consecutive units of this list.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import networkx as nx
 from torch import fx
 
+from qcompiler.config import GRANULARITIES
 from qcompiler.errors import ConfigError, PreconditionError
 from qcompiler.ir import registry
 from qcompiler.ir.passes import Pass, PassResult, require_graph
-from qcompiler.ir.program import Program
-
-GRANULARITIES = ("layer", "block")
+from qcompiler.ir.program import Program, Unit
 
 
-@dataclass
-class Unit:
-    """A reconstruction unit: a contiguous span of the graph ending at ``output``."""
-
-    name: str
-    nodes: list[str]
-    output: str
-    inputs: list[str] = field(default_factory=list)
-    layers: list[str] = field(default_factory=list)
-
-
-def _is_param_side(n: fx.Node) -> bool:
+def is_param_side(n: fx.Node) -> bool:
     return n.op == "get_attr" or n.meta.get("qc.quantizer") in ("weight", "bias")
 
 
@@ -51,11 +37,11 @@ def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
     """The activation dataflow DAG (parameters and their quantizers left out)."""
     g = nx.DiGraph()
     for n in gm.graph.nodes:
-        if _is_param_side(n):
+        if is_param_side(n):
             continue
         g.add_node(n.name)
         for m in n.all_input_nodes:
-            if not _is_param_side(m):
+            if not is_param_side(m):
                 g.add_edge(m.name, n.name)
     return g
 
@@ -77,12 +63,13 @@ def cuts(gm: fx.GraphModule) -> list[str]:
 
 
 class Partition(Pass):
-    """Split the program into reconstruction units (``artifacts['units']``)."""
+    """Split the program into reconstruction units (``program.units``)."""
 
     name = "partition"
 
-    def __init__(self, granularity: str = "block") -> None:
-        if granularity not in GRANULARITIES:
+    def __init__(self, granularity: str | None = None) -> None:
+        """``granularity``: layer or block; None takes the ``granularity`` knob of the program's config."""
+        if granularity is not None and granularity not in GRANULARITIES:
             raise ConfigError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
         self.granularity = granularity
 
@@ -93,8 +80,9 @@ class Partition(Pass):
 
     def run(self, program: Program) -> PassResult:
         gm = program.gm
-        order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and not _is_param_side(n)]
-        ends = set(cuts(gm)) if self.granularity == "block" else self._layer_ends(gm)
+        order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and not is_param_side(n)]
+        granularity = self.granularity or program.config.recon.granularity
+        ends = set(cuts(gm)) if granularity == "block" else self._layer_ends(gm)
         compute = [i for i, n in enumerate(order) if registry.kind(n, gm) in registry.COMPUTE_KINDS]
         units: list[Unit] = []
         span: list[fx.Node] = []
@@ -105,7 +93,7 @@ class Partition(Pass):
             inside = [m for m in span if registry.kind(m, gm) in registry.COMPUTE_KINDS]
             if not inside:
                 continue
-            if self.granularity == "block":
+            if granularity == "block":
                 nxt = next((order[j] for j in compute if j > i), None)
                 if nxt is not None and _scope(nxt.meta["qc.layer"]) == _scope(inside[-1].meta["qc.layer"]):
                     continue  # a cut inside one module's chain of layers: the block goes on
@@ -120,9 +108,9 @@ class Partition(Pass):
         for i, u in enumerate(units):
             for name in u.nodes:
                 gm_node(gm, name).meta["qc.unit"] = i
-        program.artifacts["units"] = units
-        program.artifacts["granularity"] = self.granularity
-        return PassResult(True, {"units": len(units), "granularity": self.granularity,
+        program.units = units
+        program.state.granularity = granularity
+        return PassResult(True, {"units": len(units), "granularity": granularity,
                                  "layers_per_unit": max(len(u.layers) for u in units)})
 
     @staticmethod
@@ -147,14 +135,14 @@ class Partition(Pass):
         inputs: list[str] = []
         for n in span:
             for m in n.all_input_nodes:
-                if m.name not in names and not _is_param_side(m) and m.name not in inputs:
+                if m.name not in names and not is_param_side(m) and m.name not in inputs:
                     inputs.append(m.name)
         layers = [n.meta["qc.layer"] for n in span if registry.kind(n, gm) in registry.COMPUTE_KINDS]
         return Unit(name=f"unit{index}:{layers[0] if layers else span[0].name}", nodes=[n.name for n in span],
                     output=span[-1].name, inputs=inputs, layers=layers)
 
     def ensures(self, program: Program) -> None:
-        units = program.artifacts["units"]
+        units = program.units
         covered = [x for u in units for x in u.nodes]
         if len(covered) != len(set(covered)):
             raise PreconditionError("partition produced overlapping units")

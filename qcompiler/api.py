@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcompiler.config import make_config
+from qcompiler.config import parse_pairs, resolve
 from qcompiler.errors import CalibrationDataError, ModelFileError, OutputError, QCompileError, VerificationError
 from qcompiler.ir.program import Batch, Program, batch_size, call, check_calibration, split_holdout
 from qcompiler.pipeline import Pipeline, default_passes, get_target
+from qcompiler.recipe import dump_recipe, load_recipe
 
 log = logging.getLogger("qcompiler")
 
@@ -84,8 +85,10 @@ def _as_batches(data: Any) -> list[Batch]:
 
 def fake_quant_model(program: Program) -> nn.Module:
     """The fake-quant model: computed with the target's integer arithmetic when the target's check
-    made that version (``artifacts["integer_gm"]``), else the graph as the passes left it."""
-    return program.artifacts.get("integer_gm", program.gm)
+    made that version (``program.lowered.integer_gm``), else the graph as the passes left it."""
+    if program.lowered is not None and program.lowered.integer_gm is not None:
+        return program.lowered.integer_gm
+    return program.gm
 
 
 @dataclass
@@ -99,7 +102,7 @@ class CompileResult:
 
     @property
     def checks(self) -> dict[str, Any]:
-        return self.program.artifacts.get("checks", {})
+        return self.program.checks
 
     @property
     def fake_quant(self) -> nn.Module:
@@ -108,7 +111,7 @@ class CompileResult:
 
     @property
     def onnx_bytes(self) -> bytes:
-        return self.program.artifacts["onnx_bytes"]
+        return self.program.lowered.onnx_bytes
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -147,9 +150,6 @@ def atomic_write(path: Path, data: bytes) -> None:
 def compile(  # noqa: A001 - the public name of the API
     model: str | os.PathLike | nn.Module,
     *,
-    bits: str = "w8a8",
-    method: str = "rtn",
-    target: str = "onnx-int8",
     output: str | os.PathLike | None = None,
     example_inputs: tuple | dict | None = None,
     calib: list | None = None,
@@ -158,23 +158,30 @@ def compile(  # noqa: A001 - the public name of the API
     model_args: dict[str, Any] | None = None,
     evaluate: bool = False,
     report_dir: str | os.PathLike | None = None,
-    overrides: dict[str, str] | list[str] | None = None,
+    recipe: str | os.PathLike | dict | None = None,
+    work_dir: str | os.PathLike | None = None,
     passes: list | None = None,
     stop_after: str | None = None,
     **options: Any,
 ) -> CompileResult:
     """Quantize ``model`` (a model-file path, or a module with ``example_inputs`` and ``calib``).
 
-    Runs capture, BatchNorm folding, quantizer insertion, calibration, the method's passes, lowering
-    and the target's checks; writes ``output`` atomically; returns a :class:`CompileResult`.
+    ``options`` are knobs of :mod:`qcompiler.config` (``bits="w4a4"``, ``method="qdrop"``,
+    ``iters=2000``, ``overrides={"fc": "w8a8"}`` ...); ``recipe`` (a TOML path or a dict) gives
+    knobs too, and ``options`` win over it. Runs the method's passes (:mod:`qcompiler.methods`), the
+    target's lowering and checks; writes ``output`` atomically; returns a :class:`CompileResult`.
     The checks run on inputs calibration never saw (see :func:`verification_split`).
     ``stop_after`` ends the pipeline after the named pass (nothing is written then); an ``output``
-    is written only when the target's checks ran and passed.
+    is written only when the target's checks ran and passed. ``report_dir`` receives report.json,
+    summary.md and the resolved recipe.toml; reconstruction checkpoints go to ``work_dir``
+    (default: ``report_dir``).
     """
     t0 = time.perf_counter()
-    if report_dir is not None and options.get("work_dir") is None:
-        options["work_dir"] = str(report_dir)  # reconstruction checkpoints live beside the report
-    config = make_config(bits=bits, method=method, target=target, overrides=overrides, **options)
+    if isinstance(options.get("overrides"), list):
+        options["overrides"] = parse_pairs(options["overrides"], "override")
+    config = resolve(options, load_recipe(recipe) if isinstance(recipe, (str, os.PathLike)) else recipe)
+    if work_dir is None and report_dir is not None:
+        work_dir = report_dir  # reconstruction checkpoints live beside the report
     tgt = get_target(config)
     out_path = check_output_path(output) if output is not None else None
     report_path = _check_report_dir(report_dir) if report_dir is not None else None
@@ -201,26 +208,28 @@ def compile(  # noqa: A001 - the public name of the API
     batches = _as_batches(calib)
     check_calibration(batches, example_inputs)
     if verify_data is None and module is not None and callable(getattr(module, "verification_data", None)):
-        verify_data = _call_with(module.verification_data, source, {"verify_num": config.verify_samples, **kwargs})
+        verify_data = _call_with(module.verification_data, source,
+                                 {"verify_num": config.target_options.verify_samples, **kwargs})
         where = f"{source}: verification_data()"
     else:
         where = "given by the caller (verify_data=)"
-    batches, verify, where = verification_split(batches, verify_data, where, config.verify_samples)
+    batches, verify, where = verification_split(batches, verify_data, where, config.target_options.verify_samples)
     check_calibration(verify, example_inputs, "verification")
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.quant.seed)
     program = Program(model=net, example_inputs=example_inputs, calib=batches, config=config, target=tgt,
-                      source=source, verify=verify, verify_source=where)
-    program.report["config"] = config.to_dict()
+                      source=source, verify=verify, verify_source=where,
+                      work_dir=None if work_dir is None else str(work_dir))
+    program.report["config"] = config.flat()
     program.report["source"] = source
     pipeline = Pipeline(passes if passes is not None else default_passes(config, tgt), stop_after=stop_after)
     pipeline.run(program)
     result = CompileResult(program, None, program.report)
-    if stop_after is None and "onnx_bytes" in program.artifacts:
-        data = program.artifacts["onnx_bytes"]
+    if stop_after is None and program.lowered is not None:
+        data = program.lowered.onnx_bytes
         float_bytes = sum(p.numel() * 4 for p in net.parameters())
         program.report["sizes"] = {"onnx_bytes": len(data), "float_param_bytes": float_bytes,
                                    "ratio_to_float_params": round(len(data) / max(float_bytes, 1), 4)}
-        program.report["checks"] = program.artifacts.get("checks", {})
+        program.report["checks"] = program.checks
         if out_path is not None:
             if "agreement" not in program.report["checks"] or "integer_kernels" not in program.report["checks"]:
                 raise VerificationError(f"not writing {out_path}: no pass checked the lowered model in the target's "
@@ -235,6 +244,8 @@ def compile(  # noqa: A001 - the public name of the API
     program.report["total_seconds"] = round(time.perf_counter() - t0, 2)
     if report_path is not None:
         write_report(report_path, program.report)
+        header = f"qcompile {source}: the resolved recipe of this run (qcompile MODEL.py --recipe recipe.toml)"
+        atomic_write(report_path / "recipe.toml", dump_recipe(config, header).encode())
     return result
 
 
@@ -270,8 +281,8 @@ def run_evaluation(module: ModuleType, program: Program, kwargs: dict[str, Any])
         "float": lambda b: call(program.model, b),
         "fake_quant": lambda b: call(fake_quant_model(program), b),
     }
-    if "onnx_bytes" in program.artifacts:
-        runs["ort"] = ort_backend.runner(ort_backend.session(program.artifacts["onnx_bytes"]))
+    if program.lowered is not None:
+        runs["ort"] = ort_backend.runner(ort_backend.session(program.lowered.onnx_bytes))
     for name, run in runs.items():
         t = time.perf_counter()
         with torch.no_grad():
@@ -324,7 +335,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
     cfg = report.get("config", {})
     lines = [f"# qcompile {report.get('source', '')}", "",
              f"- target `{cfg.get('target')}`, method `{cfg.get('method')}`, "
-             f"W{cfg.get('w_bits')}A{cfg.get('a_bits')}, capture: {report.get('capture', {}).get('path')}",
+             f"{cfg.get('bits')}, capture: {report.get('capture', {}).get('path')}",
              f"- total time {report.get('total_seconds')} s"]
     sizes = report.get("sizes")
     if sizes:

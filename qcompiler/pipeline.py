@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
+from qcompiler.config import CompileConfig
 from qcompiler.errors import ConfigError
-from qcompiler.ir.config import QConfig
 from qcompiler.ir.passes import Pass
 from qcompiler.ir.program import Program
 from qcompiler.ir.target import Target
+from qcompiler.methods import METHODS
 
 log = logging.getLogger("qcompiler.pipeline")
 
@@ -29,27 +31,34 @@ def targets() -> dict[str, type]:
     return {OnnxInt8Target.name: OnnxInt8Target}
 
 
-def get_target(config: QConfig) -> Target:
-    """The target named by ``config.target``, configured from ``config``."""
+def get_target(config: CompileConfig) -> Target:
+    """The target named by ``config.target``, given its options."""
     table = targets()
     if config.target not in table:
         raise ConfigError(f"unknown target {config.target!r}; choose one of {', '.join(sorted(table))}")
-    return table[config.target](reduce_range=config.reduce_range)
+    return table[config.target](config.target_options)
 
 
-def default_passes(config: QConfig, target: Target) -> list[Pass]:
-    """The standard pipeline for ``config.method`` followed by the target's lowering and checks."""
-    from qcompiler.passes import Calibrate, FoldBatchNorm, InsertQuantizers, Trace
+def pass_table() -> dict[str, Callable[[], Pass]]:
+    """The passes a method's recipe names, by name."""
+    from qcompiler.passes import Calibrate, FoldBatchNorm, InsertQuantizers, Partition, Reconstruct, Trace
 
-    passes: list[Pass] = [Trace(), FoldBatchNorm(), InsertQuantizers(), Calibrate()]
-    if config.method != "rtn":
-        from qcompiler.passes.partition import Partition
-        from qcompiler.passes.reconstruct import Reconstruct
+    return {"trace": Trace, "fold_bn": FoldBatchNorm, "insert_quantizers": InsertQuantizers, "calibrate": Calibrate,
+            "partition": Partition, "reconstruct": Reconstruct, "recalibrate": lambda: Calibrate(weights=False)}
 
-        passes += [Partition(config.unit_granularity()), Reconstruct()]
-        if config.qdrop_prob() >= 1.0:  # activations stayed float while reconstructing: calibrate them now
-            passes.append(Calibrate(weights=False))
-    return passes + list(target.lowering_passes())
+
+def default_passes(config: CompileConfig, target: Target) -> list[Pass]:
+    """The passes of ``config.method``'s recipe followed by the target's lowering and checks."""
+    from qcompiler.quantizers import family
+
+    method = METHODS[config.method]
+    table = pass_table()
+    unknown = [n for n in method.passes if n not in table]
+    if unknown:
+        raise ConfigError(f"method {method.name!r} names unknown pass(es) {unknown}; known: {', '.join(table)}")
+    family(config.recon.weight_quantizer)
+    family(config.recon.act_quantizer)
+    return [table[n]() for n in method.passes] + list(target.lowering_passes())
 
 
 class Pipeline:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,42 @@ def resnet_file():
 
 
 sys.path.insert(0, str(ROOT / "tests"))
+
+
+#: A small model file (two convs with a residual add and a linear head, 128 random samples).
+TINY = textwrap.dedent("""
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+            self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            y = F.relu(self.c1(x))
+            y = F.relu(self.c2(y)) + y
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+    def build():
+        return Net().eval()
+
+    def example_inputs():
+        return (torch.randn(1, 3, 8, 8),)
+
+    def calibration_data():
+        g = torch.Generator().manual_seed(1)
+        return [(torch.randn(16, 3, 8, 8, generator=g),) for _ in range(8)]
+""")
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """TINY written to a file."""
+    f = tmp_path / "tiny.py"
+    f.write_text(TINY)
+    return f

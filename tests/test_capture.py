@@ -64,7 +64,7 @@ def test_attention_model_falls_back_to_export_and_compiles():
     # why symbolic_trace failed: the in-place item assignment's line, named by file and line
     assert "(bias = torch.zeros(b, 1, t, t))" in r.report["capture"]["fallback_reason"], r.report["capture"]
     # All 7 Linear layers plus the 2 attention matmuls are quantized and run as integer kernels.
-    assert len(r.program.artifacts["quantized_layers"]) == 9
+    assert len(r.program.state.quantized_layers) == 9
     counts = ort_backend.optimized_op_counts(r.onnx_bytes)
     assert not set(counts) & ort_backend.FLOAT_COMPUTE, counts
     assert sum(counts[k] for k in ort_backend.INT_COMPUTE) >= 9, counts
@@ -99,7 +99,7 @@ class ConvNet(nn.Module):
 
 def test_both_capture_paths_give_the_same_kinds_and_folded_graph():
     """The registry sees module/function forms and aten forms alike; fold_bn is exact on both."""
-    from qcompiler.ir.config import QConfig
+    from qcompiler.config import resolve
     from qcompiler.ir.program import Program
 
     torch.manual_seed(0)
@@ -107,7 +107,7 @@ def test_both_capture_paths_give_the_same_kinds_and_folded_graph():
     x = torch.randn(2, 3, 8, 8)
     kinds = {}
     for force in ("symbolic_trace", "export"):
-        p = Program(model=model, example_inputs=(x,), calib=[(x,)], config=QConfig())
+        p = Program(model=model, example_inputs=(x,), calib=[(x,)], config=resolve())
         qcompiler.Pipeline([Trace(force=force), FoldBatchNorm()]).run(p)
         gm = p.gm
         ks = [registry.kind(n, gm) for n in gm.graph.nodes if registry.kind(n, gm)]

@@ -80,5 +80,5 @@ def test_integer_exact_model_equals_ort(bits):
     calib = [(torch.randn(32, 3, 16, 16),) for _ in range(4)]
     r = qcompiler.compile(Wide().eval(), example_inputs=(torch.randn(1, 3, 16, 16),), calib=calib, bits=bits,
                           first_last_8bit=False)
-    assert r.program.artifacts["integer_gm"].meta["qc.integer_kernels"] == 5  # 3 convs, the add, the fc
+    assert r.program.lowered.integer_gm.meta["qc.integer_kernels"] == 5  # 3 convs, the add, the fc
     assert_ort_equals_fake_quant(r, (torch.randn(256, 3, 16, 16) * 2,))

@@ -14,9 +14,9 @@ from torch import nn
 
 import qcompiler
 from qcompiler.backends import ort as ort_backend
+from qcompiler.config import resolve
 from qcompiler.errors import ConfigError, PreconditionError
 from qcompiler.ir import registry
-from qcompiler.ir.config import QConfig
 from qcompiler.ir.program import Program
 from qcompiler.passes import Calibrate, FoldBatchNorm, InsertQuantizers, Trace
 
@@ -26,7 +26,7 @@ from conftest import MODELS, ROOT, assert_ort_equals_fake_quant
 def _program(model: nn.Module, x: torch.Tensor) -> Program:
     from qcompiler.backends.onnx_qdq import OnnxInt8Target
 
-    return Program(model=model, example_inputs=(x,), calib=[(x,)], config=QConfig(), target=OnnxInt8Target())
+    return Program(model=model, example_inputs=(x,), calib=[(x,)], config=resolve(), target=OnnxInt8Target())
 
 
 def test_pass_contract_order_and_stop_after():
@@ -149,27 +149,15 @@ def test_cli_eval_prints_float_fake_quant_and_ort(tmp_path, capsys):
     assert "'n': 500" in lines["ort"]
 
 
-def test_cli_defaults_are_the_python_api_defaults():
-    """The CLI spells its defaults out (importing QConfig would import torch for --help); keep them equal."""
-    from qcompiler.cli import build_parser
-
-    args = vars(build_parser().parse_args(["m.py", "-o", "m.onnx"]))
-    same = {"iters": "iters", "batch_size": "batch_size", "seed": "seed", "w_lr": "w_lr", "a_lr": "a_lr",
-            "w_step_lr": "w_step_lr", "cache_mb": "cache_mb", "midrise_bits": "w_midrise", "percentile": "percentile",
-            "w_symmetric": "w_symmetric", "a_bits_all": "a_bits_all", "w_init": "w_init", "a_init": "a_init",
-            "method": "method"}
-    cfg = QConfig()
-    assert {k: args[k] for k in same} == {k: getattr(cfg, v) for k, v in same.items()}
-
-
 def test_default_learning_rates_keep_lr_times_iterations_beyond_2000():
-    lrs = {n: (QConfig(iters=n).adaround_lr(), QConfig(iters=n).lsq_lr()) for n in (20, 2000, 20000)}
+    recon = {n: resolve({"iters": n}).recon for n in (20, 2000, 20000)}
+    lrs = {n: (r.weight_lr(), r.act_lr()) for n, r in recon.items()}
     assert lrs[20] == lrs[2000] == (1e-2, 4e-5)
     assert lrs[20000] == pytest.approx((1e-3, 4e-6))
-    assert (QConfig(iters=20000, w_lr=5e-3, a_lr=1e-4).adaround_lr(), QConfig(iters=20000, a_lr=1e-4).lsq_lr()) == \
-        (5e-3, 1e-4)
+    given = resolve({"iters": 20000, "w_lr": 5e-3, "a_lr": 1e-4}).recon
+    assert (given.weight_lr(), given.act_lr()) == (5e-3, 1e-4)
     with pytest.raises(ConfigError, match="w_lr"):
-        QConfig(w_lr=0.0)
+        resolve({"w_lr": 0.0})
 
 
 def test_efficientnet_lite_every_conv_is_integer_including_depthwise(efficientnet):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from qcompiler.passes.reconstruct.qdrop import MaskPool
 from qcompiler.quantizers import lsq
 from qcompiler.quantizers.adaround import AdaRoundQuantizer, BetaSchedule, rectified_sigmoid
 from qcompiler.quantizers.lsq import LSQQuantizer
-from qcompiler.quantizers.qdrop import MaskPool
 from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, fake_quant, search_range
 
 
@@ -102,13 +102,13 @@ def test_adaround_regularizer_extremes() -> None:
     signs = torch.where(torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) < 0.5, -1.0, 1.0)
     ada.alpha.data = signs * 20.0  # h is exactly 0 or 1
     assert torch.equal(rectified_sigmoid(ada.alpha), (signs > 0).float())
-    assert float(ada.regularizer(20.0)) == 0.0
-    assert float(ada.regularizer(2.0)) == 0.0
+    assert float(ada.penalty(20.0)) == 0.0
+    assert float(ada.penalty(2.0)) == 0.0
     ada.alpha.data = torch.zeros_like(ada.alpha)  # h = 0.5
     for beta in (2.0, 20.0):
-        assert float(ada.regularizer(beta)) == pytest.approx(w.numel(), rel=1e-6)
+        assert float(ada.penalty(beta)) == pytest.approx(w.numel(), rel=1e-6)
     ada.alpha.data = torch.randn(w.shape) * 0.1
-    assert 0.0 < float(ada.regularizer(2.0)) < w.numel()
+    assert 0.0 < float(ada.penalty(2.0)) < w.numel()
 
 
 def test_beta_schedule() -> None:
@@ -127,7 +127,7 @@ def test_adaround_gradient_reaches_alpha_in_soft_mode() -> None:
     ada = AdaRoundQuantizer.from_quantizer(q, w)
     ada.alpha.requires_grad_(True)
     ada.soft = True
-    loss = (ada(w) - w * 1.1).pow(2).sum() + 0.01 * ada.regularizer(10.0)
+    loss = (ada(w) - w * 1.1).pow(2).sum() + 0.01 * ada.penalty(10.0)
     loss.backward()
     assert ada.alpha.grad is not None and float(ada.alpha.grad.abs().sum()) > 0
     inner = (rectified_sigmoid(ada.alpha) > 0) & (rectified_sigmoid(ada.alpha) < 1)
@@ -160,7 +160,7 @@ def test_adaround_fused_soft_weight_and_regulariser_match_composition(grid: str)
             s = ada.scale[:, None, None, None]
             z = ada.zero_point[:, None, None, None]
             out = ada._value(torch.clamp(floor + zi + rectified_sigmoid(ada.alpha), q.qmin, q.qmax), s, z)
-            reg = ada.regularizer(7.0)
+            reg = ada.penalty(7.0)
         ((out * upstream).sum() + 0.3 * reg).backward()
         results.append((out.detach(), reg.detach(), ada.alpha.grad.clone(), ada.scale.grad.clone()))
     (o1, r1, ga1, gs1), (o2, r2, ga2, gs2) = results
@@ -215,8 +215,8 @@ def test_lsq_forward_equals_fake_quant(signed: bool) -> None:
 @pytest.mark.parametrize("axis", [None, 1])
 def test_lsq_fused_gradients_match_autograd_composition_under_qdrop(axis: int | None) -> None:
     """The fused LSQ function gives the gradients autograd gives for where(keep, x, fake_quant(x))."""
+    from qcompiler.passes.reconstruct.qdrop import MaskPool
     from qcompiler.quantizers.lsq import grad_scale_reference
-    from qcompiler.quantizers.qdrop import MaskPool
 
     gen = torch.Generator().manual_seed(9)
     channels = 3 if axis is not None else None
@@ -410,7 +410,7 @@ def test_centered_asymmetric_grid_deploys_with_zero_zero_point(bits: int, halves
 
 
 def test_take_rows_equals_indexing_in_the_same_layout() -> None:
-    from qcompiler.quantizers.qdrop import take_rows
+    from qcompiler.passes.reconstruct.qdrop import take_rows
 
     idx = torch.tensor([3, 0, 3, 5])
     for t in (torch.randn(6, 4, 3, 5).contiguous(memory_format=torch.channels_last), torch.randn(6, 4, 3, 5),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import qcompiler
-from qcompiler.passes.reconstruct import Reconstruct
-from qcompiler.quantizers.qdrop import MaskPool
+from qcompiler.passes.reconstruct.qdrop import MaskPool
 from qcompiler.quantizers.uniform import QSpec, UniformQuantizer
 
 from conftest import MODELS, assert_ort_equals_fake_quant
@@ -29,16 +30,16 @@ def test_qdrop_lowers_unit_losses_and_still_deploys(tmp_path):
 def test_units_report_how_far_the_rounding_converged(caplog):
     """Each unit records the fraction of its roundings left undecided (h between 0.1 and 0.9) and its
     loss with the soft rounding; a schedule too short to decide them warns."""
-    from qcompiler.passes.reconstruct import _quantizers, unit_module
+    from qcompiler.passes.reconstruct.units import quantizers_of, unit_module
     from qcompiler.quantizers.adaround import rectified_sigmoid
 
     with caplog.at_level("WARNING", logger="qcompiler"):
         r = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", **{**FAST, "iters": 20})
-    gm, units = r.program.gm, r.program.artifacts["units"]
+    gm, units = r.program.gm, r.program.units
     records = r.report["reconstruction"]["units"]
     for unit, rec in zip(units, records, strict=True):
         # hardening leaves alpha alone, so the final quantizers give back the recorded fraction
-        wqs = _quantizers(gm, unit_module(gm, unit, []), "weight")
+        wqs = quantizers_of(gm, unit_module(gm, unit, []), "weight")
         h = torch.cat([rectified_sigmoid(q.alpha).flatten() for q in wqs])
         assert rec["undecided"] == pytest.approx(float(((h > 0.1) & (h < 0.9)).double().mean()), abs=1e-4)
         assert rec["loss_soft"] > 0
@@ -56,19 +57,21 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, 
     ref = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", **opts)
     ref_state = ref.program.gm.state_dict()
 
-    real = Reconstruct._checkpoint
+    from qcompiler.passes.reconstruct import checkpoint
+
+    real = checkpoint.save
     calls = {"n": 0}
 
-    def dying_checkpoint(*args):
+    def dying_save(*args):
         real(*args)
         calls["n"] += 1
         if calls["n"] == 4:
             raise _Killed  # as if killed right after the 4th unit's checkpoint
 
-    monkeypatch.setattr(Reconstruct, "_checkpoint", staticmethod(dying_checkpoint))
+    monkeypatch.setattr(checkpoint, "save", dying_save)
     with pytest.raises(_Killed):
         qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", work_dir=str(tmp_path), **opts)
-    monkeypatch.setattr(Reconstruct, "_checkpoint", staticmethod(real))
+    monkeypatch.setattr(checkpoint, "save", real)
     resumed = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", work_dir=str(tmp_path),
                                 **opts)
     assert resumed.report["passes"][-1]["resumed_after"] == 4
@@ -78,6 +81,33 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, 
         assert torch.equal(state[k], ref_state[k]), k
     if extra:
         assert sum(bool(v.any()) for k, v in state.items() if k.endswith(".shift")) >= 15
+
+
+@pytest.mark.parametrize("change", ["weights", "setting"])
+def test_a_checkpoint_of_other_weights_or_settings_is_not_resumed(tmp_path, caplog, change):
+    """The checkpoint's signature covers the program's tensors and every result-changing knob: a
+    rerun with other weights (same shapes) or another setting starts over and says so; the same
+    run resumes (the control that proves the check can pass)."""
+    torch.manual_seed(0)
+    model = _Chain().eval()
+    calib = [(torch.randn(16, 3, 8, 8) + 0.5,) for _ in range(2)]
+    opts = {"bits": "w4a4", "method": "qdrop", "iters": 3, "stop_after": "reconstruct", "work_dir": str(tmp_path)}
+
+    def run(m, **extra):
+        return qcompiler.compile(m, example_inputs=calib[0], calib=calib, **{**opts, **extra})
+
+    first = run(model)
+    units = first.report["reconstruction"]["units"]
+    assert run(model).report["reconstruction"]["resumed_after"] == len(units)
+    if change == "weights":
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            next(other.parameters()).mul_(1.01)
+        again = run(other)
+    else:
+        again = run(model, reg_weight=0.02)
+    assert again.report["reconstruction"]["resumed_after"] == 0
+    assert "not resuming" in caplog.text and "starts over" in caplog.text
 
 
 def test_qdrop_probability_one_feeds_float_and_zero_feeds_quantized():
@@ -128,7 +158,7 @@ def test_partition_keeps_chained_blocks_whole(granularity, expected):
     calib = [(torch.randn(4, 3, 8, 8),) for _ in range(2)]
     r = qcompiler.compile(_Chain().eval(), example_inputs=calib[0], calib=calib, bits="w4a4", method="qdrop",
                           granularity=granularity, stop_after="partition")
-    assert [u.layers for u in r.program.artifacts["units"]] == expected
+    assert [u.layers for u in r.program.units] == expected
 
 
 def test_bias_correction_matches_each_layers_channel_means():
@@ -136,48 +166,48 @@ def test_bias_correction_matches_each_layers_channel_means():
     over the calibration set, the layers before it corrected first (their shifts pass ReLU6); the
     float layers keep their biases."""
     from qcompiler.ir import registry
-    from qcompiler.passes.reconstruct import _bias_quantizer, unit_module
+    from qcompiler.passes.reconstruct.bias_correction import channel_means, correct_biases
+    from qcompiler.passes.reconstruct.units import bias_quantizer_of, forward, unit_module
 
     torch.manual_seed(0)
     calib = [(torch.randn(16, 3, 8, 8) + 0.5,) for _ in range(2)]
     r = qcompiler.compile(_Chain().eval(), example_inputs=calib[0], calib=calib, bits="w2a4", method="qdrop",
                           stop_after="partition")
-    gm, unit = r.program.gm, r.program.artifacts["units"][1]  # blocks.0: conv 1x1, depthwise 3x3, conv 1x1
+    gm, unit = r.program.gm, r.program.units[1]  # blocks.0: conv 1x1, depthwise 3x3, conv 1x1
     nodes = {n.name: n for n in gm.graph.nodes}
-    stem = unit_module(gm, r.program.artifacts["units"][0], [])
-    rec = Reconstruct()
+    stem = unit_module(gm, r.program.units[0], [])
     x = torch.cat([b[0] for b in calib])
-    fp_in, q_in = rec._forward(gm, stem, [x], quant=False), rec._forward(gm, stem, [x], quant=True)
+    fp_in, q_in = forward(gm, stem, [x], quant=False), forward(gm, stem, [x], quant=True)
     layers = [n for n in unit.nodes if registry.kind(nodes[n], gm) == "conv"]
     sub = unit_module(gm, unit, layers)
-    f_means = rec._channel_means(gm, sub, fp_in, False, [1, 1, 1])
-    shift = [q - f for q, f in zip(rec._channel_means(gm, sub, q_in, True, [1, 1, 1]), f_means, strict=True)]
+    f_means = channel_means(gm, sub, fp_in, False, [1, 1, 1])
+    shift = [q - f for q, f in zip(channel_means(gm, sub, q_in, True, [1, 1, 1]), f_means, strict=True)]
     assert all(float(d.abs().max()) > 1e-3 for d in shift)  # 2-bit weights do shift the means
-    rec._correct_biases(gm, unit, fp_in, q_in)
-    bqs = [_bias_quantizer(nodes[n], gm) for n in layers]
+    correct_biases(gm, unit, fp_in, q_in)
+    bqs = [bias_quantizer_of(nodes[n], gm) for n in layers]
     # the first layer's correction is exactly its shift (later layers' also count the earlier corrections)
     torch.testing.assert_close(bqs[0].shift, -shift[0].float())
-    for bq, q, f in zip(bqs, rec._channel_means(gm, sub, q_in, True, [1, 1, 1]), f_means, strict=True):
+    for bq, q, f in zip(bqs, channel_means(gm, sub, q_in, True, [1, 1, 1]), f_means, strict=True):
         # what is left is the rounding of the bias to the int32 grid (step s_act * s_w), before
         # (counted in the measured shift) and after the correction: at most one step
         step = bq.step().detach().double()
         assert torch.all((q - f).abs() <= step + 1e-6), (q - f, step)
-    for f, f_now in zip(f_means, rec._channel_means(gm, sub, fp_in, False, [1, 1, 1]), strict=True):
+    for f, f_now in zip(f_means, channel_means(gm, sub, fp_in, False, [1, 1, 1]), strict=True):
         assert torch.equal(f, f_now)
 
 
 def test_holdout_rows_are_measured_not_trained_on(monkeypatch):
     from qcompiler.errors import QCompileError
-    from qcompiler.passes import reconstruct
+    from qcompiler.passes.reconstruct import trainer
 
     drawn = []
-    real = reconstruct.take_rows
+    real = trainer.take_rows
 
     def recording_take_rows(x, idx):
         drawn.append(int(idx.max()))
         return real(x, idx)
 
-    monkeypatch.setattr(reconstruct, "take_rows", recording_take_rows)
+    monkeypatch.setattr(trainer, "take_rows", recording_take_rows)
     opts = {**FAST, "iters": 10, "holdout": 48}
     r = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", **opts)
     assert drawn and max(drawn) < 128 - 48
@@ -192,7 +222,7 @@ def test_spilled_caches_give_identical_parameters(tmp_path, monkeypatch):
     """With a zero memory budget every cached value lives in a memory-mapped file: same result."""
     import numpy as np
 
-    from qcompiler.passes import reconstruct
+    from qcompiler.passes.reconstruct import cache
 
     spilled = []
     real_memmap = np.memmap
@@ -201,7 +231,7 @@ def test_spilled_caches_give_identical_parameters(tmp_path, monkeypatch):
         spilled.append(path)
         return real_memmap(path, *args, **kwargs)
 
-    monkeypatch.setattr(reconstruct.np, "memmap", counting_memmap)
+    monkeypatch.setattr(cache.np, "memmap", counting_memmap)
     opts = {**FAST, "iters": 5}
     runs = []
     for cache_mb, work in ((4096, None), (0, str(tmp_path))):
@@ -226,7 +256,7 @@ def test_float_activation_methods_calibrate_activations_after_reconstruction():
 
 
 def test_activation_cache_counts_a_shared_tensor_once(tmp_path):
-    from qcompiler.passes.reconstruct import ActivationCache
+    from qcompiler.passes.reconstruct.cache import ActivationCache
 
     t = torch.zeros(256)  # 1 KiB
     cache = ActivationCache(budget_bytes=1024, directory=str(tmp_path))

@@ -3,7 +3,6 @@ validated, and a broken lowering fails it with exit 2, one line, no output and n
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import onnx
@@ -16,43 +15,7 @@ from qcompiler.backends.onnx_qdq import LowerOnnxQdq
 from qcompiler.cli import main
 from qcompiler.errors import ConfigError, VerificationError
 
-from conftest import MODELS
-
-TINY = textwrap.dedent("""
-    import torch
-    from torch import nn
-    import torch.nn.functional as F
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.c1 = nn.Conv2d(3, 16, 3, padding=1)
-            self.c2 = nn.Conv2d(16, 16, 3, padding=1)
-            self.fc = nn.Linear(16, 10)
-
-        def forward(self, x):
-            y = F.relu(self.c1(x))
-            y = F.relu(self.c2(y)) + y
-            return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
-
-    def build():
-        return Net().eval()
-
-    def example_inputs():
-        return (torch.randn(1, 3, 8, 8),)
-
-    def calibration_data():
-        g = torch.Generator().manual_seed(1)
-        return [(torch.randn(16, 3, 8, 8, generator=g),) for _ in range(8)]
-""")
-
-
-@pytest.fixture
-def tiny(tmp_path) -> Path:
-    f = tmp_path / "tiny.py"
-    f.write_text(TINY)
-    return f
+from conftest import MODELS, TINY
 
 
 def _clean_failure(capsys, code: int, out: Path, *needles: str) -> str:
@@ -74,9 +37,9 @@ def _break_lowering(monkeypatch, edit) -> None:
     run = VerifyOrt.run
 
     def broken(self, program):
-        model = onnx.load_from_string(program.artifacts["onnx_bytes"])
+        model = onnx.load_from_string(program.lowered.onnx_bytes)
         edit(model, program)
-        program.artifacts["onnx_bytes"] = model.SerializeToString()
+        program.lowered.onnx_bytes = model.SerializeToString()
         return run(self, program)
 
     monkeypatch.setattr(VerifyOrt, "run", broken)

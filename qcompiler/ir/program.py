@@ -5,10 +5,17 @@
 - ``calib``: the calibration batches (each a tuple of tensors, or a dict of keyword tensors).
 - ``verify``: batches the calibration never saw, for the target's check of the lowered model, and
   ``verify_source``, a sentence saying where they came from (it goes into the report).
-- ``config``: the :class:`~qcompiler.ir.config.QConfig`.
+- ``config``: the :class:`~qcompiler.config.CompileConfig` (each pass reads its stage's part).
 - ``target``: the deployment :class:`~qcompiler.ir.target.Target` (set by the pipeline).
+- ``work_dir``: where long passes keep files that let a rerun resume (None: nowhere).
 - ``gm``: the ``fx.GraphModule`` the passes rewrite (set by ``trace``).
-- ``artifacts``: results passes hand on (``float_gm``, ``onnx_bytes``, ``checks`` ...).
+
+What passes hand on, typed (a pass's ``requires`` checks the one it needs):
+
+- ``state``: :class:`ProgramState`, facts about the graph (quantized layers, calibrated, ...).
+- ``units``: the reconstruction units (set by ``partition``), None before.
+- ``lowered``: :class:`Lowered`, the deployed artifact (set by the target's lowering), None before.
+- ``checks``: what the target's checks found (integer kernels, agreement).
 - ``report``: what ends up in report.json.
 
 Per-node facts live in ``node.meta`` under these keys:
@@ -28,7 +35,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from qcompiler.ir.config import QConfig
+from qcompiler.config import CompileConfig
 from qcompiler.ir.target import Target
 
 Batch = tuple | dict
@@ -73,17 +80,61 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
 
 
 @dataclass
+class Unit:
+    """A reconstruction unit: a contiguous span of the graph ending at ``output``; ``inputs`` are the
+    outside values it reads, ``layers`` the user-facing names of its compute ops."""
+
+    name: str
+    nodes: list[str]
+    output: str
+    inputs: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProgramState:
+    """Facts passes establish about the graph.
+
+    - ``quantized_layers``: the compute layers ``insert_quantizers`` quantized, in graph order;
+    - ``calibrated``: every quantizer has its range (``calibrate``);
+    - ``granularity``: how ``partition`` cut the units;
+    - ``activations_learned``: reconstruction learned the activation quantizers (else they are
+      calibrated again after it).
+    """
+
+    quantized_layers: list[str] = field(default_factory=list)
+    calibrated: bool = False
+    granularity: str | None = None
+    activations_learned: bool = False
+
+
+@dataclass
+class Lowered:
+    """The deployed artifact: ``onnx_bytes``, the graph it was exported from (``deploy_gm``) and,
+    once the target's check ran, the fake-quant graph computed with the target's integer
+    arithmetic (``integer_gm``)."""
+
+    onnx_bytes: bytes
+    deploy_gm: fx.GraphModule
+    integer_gm: fx.GraphModule | None = None
+
+
+@dataclass
 class Program:
     model: nn.Module
     example_inputs: tuple
     calib: list[Batch]
-    config: QConfig
+    config: CompileConfig
     target: Target | None = None
     gm: fx.GraphModule | None = None
     source: str = "<model>"
     verify: list[Batch] = field(default_factory=list)
     verify_source: str = ""
-    artifacts: dict[str, Any] = field(default_factory=dict)
+    work_dir: str | None = None
+    state: ProgramState = field(default_factory=ProgramState)
+    units: list[Unit] | None = None
+    lowered: Lowered | None = None
+    checks: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
 
     def quantizer_nodes(self, which: str | None = None) -> Iterator[fx.Node]:

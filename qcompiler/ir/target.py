@@ -47,12 +47,17 @@ class Placement:
 
 @runtime_checkable
 class Target(Protocol):
-    """A deployment target: a name, placement rules, and the passes that lower and verify for it."""
+    """A deployment target: a name, its placement rules, the quantization spec of every node
+    (``annotate``), and the passes that lower and verify for it."""
 
     name: str
 
     def placement(self) -> Placement:
         """The quantizer placement rules of this target."""
+        ...
+
+    def annotate(self, gm, quant):  # noqa: ANN001, ANN201 - (fx.GraphModule, QuantConfig) -> Annotations
+        """Per node, what to quantize and how (``qcompiler.ir.annotation.Annotations``)."""
         ...
 
     def lowering_passes(self) -> list:

@@ -1,5 +1,20 @@
-"""Quantizer numerics, one file per family."""
+"""Quantizer numerics, one file per family; ``FAMILIES`` names the ones recipes may choose."""
 
+from qcompiler.errors import ConfigError
+from qcompiler.quantizers.adaround import AdaRoundQuantizer
+from qcompiler.quantizers.lsq import LSQQuantizer
 from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, fake_quant
 
-__all__ = ["QSpec", "UniformQuantizer", "fake_quant"]
+#: Family name (the ``weight_quantizer`` / ``act_quantizer`` knobs) -> quantizer class. ``uniform``
+#: learns nothing; the others implement ``family.Trainable``.
+FAMILIES: dict[str, type] = {"uniform": UniformQuantizer, "adaround": AdaRoundQuantizer, "lsq": LSQQuantizer}
+
+
+def family(name: str) -> type:
+    """The quantizer class of family ``name``."""
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown quantizer family {name!r}; choose one of {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+__all__ = ["FAMILIES", "QSpec", "UniformQuantizer", "fake_quant", "family"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qcompiler.quantizers.family import ParamGroup, Trainable
 from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, _bcast, split_zero_point
 
 ZETA = 1.1
@@ -93,7 +94,7 @@ def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
     return torch.logit((h - GAMMA) / (ZETA - GAMMA))
 
 
-class AdaRoundQuantizer(UniformQuantizer):
+class AdaRoundQuantizer(UniformQuantizer, Trainable):
     """A weight quantizer whose rounding (up or down, per weight) is learned through ``alpha``.
 
     The grid (``spec``, ``scale``, ``zero_point``) is the one of the UniformQuantizer it replaces and
@@ -117,10 +118,14 @@ class AdaRoundQuantizer(UniformQuantizer):
         # same h in ``reg`` (one autograd node computes both; the trainer adds it to its loss).
         self.reg_beta: float | None = None
         self.reg: torch.Tensor | None = None
+        self._beta: BetaSchedule | None = None
+        self._learn_step = False
 
     @classmethod
-    def from_quantizer(cls, q: UniformQuantizer, w: torch.Tensor) -> AdaRoundQuantizer:
+    def from_quantizer(cls, q: UniformQuantizer, w: torch.Tensor | None = None) -> AdaRoundQuantizer:
         """An AdaRound quantizer on ``q``'s grid whose hardened rounding of ``w`` is round-to-nearest."""
+        if w is None:
+            raise ValueError("AdaRound learns the rounding of a weight: it quantizes weights only")
         channels = q.scale.numel() if q.spec.axis is not None else None
         new = cls(q.spec, channels, tuple(w.shape))
         with torch.no_grad():
@@ -196,10 +201,43 @@ class AdaRoundQuantizer(UniformQuantizer):
         z = _bcast(self.zero_point, w, self.spec.axis)
         return self._value(self._hard_int(w), s, z)
 
-    def regularizer(self, beta: float) -> torch.Tensor:
+    def penalty(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(alpha) - 1| ** beta)``: 0 when every h is 0 or 1, ``numel`` when all are 0.5."""
         h = rectified_sigmoid(self.alpha)
         return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+
+    # -- the trainer's protocol (family.Trainable)
+
+    def begin_training(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
+        """Soft rounding; ``alpha`` at ``recon.weight_lr()``, constant; with ``recon.w_step_lr`` also
+        the step, relative to its mean and cosine-decayed; the regulariser on ``BetaSchedule``."""
+        self.soft = True
+        self.alpha.requires_grad_(True)
+        self._beta = BetaSchedule(recon.iters, warmup=0.2) if recon.iters else None
+        groups = [ParamGroup("adaround.alpha", [self.alpha], recon.weight_lr())]
+        self._learn_step = recon.w_step_lr > 0
+        if self._learn_step:
+            self.scale.requires_grad_(True)
+            groups.append(ParamGroup(f"adaround.step.{id(self)}", [self.scale],
+                                     recon.w_step_lr * float(self.scale.detach().abs().mean()), decay=True))
+        return groups
+
+    def before_step(self, it: int) -> None:
+        beta, on = self._beta(it)
+        self.reg_beta = beta if on else None  # the forward then leaves the penalty in self.reg
+
+    def regularizer(self) -> torch.Tensor | None:
+        return self.reg if self.reg_beta is not None else None
+
+    def after_step(self) -> None:
+        if self._learn_step:
+            self.scale.data.clamp_(min=1e-8)
+
+    @torch.no_grad()
+    def convergence(self) -> tuple[int, int]:
+        """(roundings whose h is still strictly between 0.1 and 0.9, all roundings)."""
+        h = rectified_sigmoid(self.alpha)
+        return int(((h > 0.1) & (h < 0.9)).sum()), h.numel()
 
     def harden(self) -> None:
         """Switch the forward to the hard rounding ``floor(w / s) + [alpha >= 0]``."""
@@ -207,6 +245,8 @@ class AdaRoundQuantizer(UniformQuantizer):
         self._base = None
         self.reg_beta = None
         self.reg = None
+        self.alpha.requires_grad_(False)
+        self.scale.requires_grad_(False)
 
     @torch.no_grad()
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,23 @@ class BiasQuantizer(nn.Module):
         return (b.detach() + self.shift).abs() / (act.scale.detach().reshape(()) * BIAS_HEADROOM)
 
     @torch.no_grad()
+    def fit_weight_step(self, b: torch.Tensor) -> int:
+        """Widen the weight step of the output channels whose bias ``b`` would not fit the accumulator.
+
+        A channel whose weights are all but zero (a "dead" channel after BatchNorm folding) gets a
+        tiny ``s_w`` from its weights, and a bias of a few units is then billions of accumulator
+        steps: stored as int32 it would be clamped to another value. Such a channel's step is raised
+        to ``headroom_step``; its weights round to zero either way. Returns the channels widened.
+        """
+        _, wq = self.refs
+        need = self.headroom_step(b.float())
+        floor = need * wq.store_factor() if wq.scale.dim() else need.max() * wq.store_factor()
+        low = wq.scale < floor
+        if bool(low.any()):
+            wq.scale.data = torch.where(low, floor, wq.scale)
+        return int(low.sum())
+
+    @torch.no_grad()
     def int_repr(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(int32 values, per-channel scale) of the stored bias."""
         s = self.step().detach().float()

@@ -25,6 +25,7 @@ import math
 import torch
 
 from qcompiler.quantizers import native
+from qcompiler.quantizers.family import ParamGroup, Trainable
 from qcompiler.quantizers.qdrop import mix
 from qcompiler.quantizers.uniform import UniformQuantizer, _bcast, round_ste
 
@@ -105,7 +106,7 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return _LSQFakeQuant.apply(x, scale, lo, hi, factor, axis, keep)
 
 
-class LSQQuantizer(UniformQuantizer):
+class LSQQuantizer(UniformQuantizer, Trainable):
     """A fake quantizer trained with the LSQ step-size gradient; zero point fixed.
 
     Modes and QDrop (``drop_prob``) behave as in UniformQuantizer; in mode ``"quant"`` the value equals
@@ -113,7 +114,7 @@ class LSQQuantizer(UniformQuantizer):
     """
 
     @classmethod
-    def from_quantizer(cls, q: UniformQuantizer) -> LSQQuantizer:
+    def from_quantizer(cls, q: UniformQuantizer, tensor: torch.Tensor | None = None) -> LSQQuantizer:
         """An LSQ quantizer with ``q``'s spec, step and zero point; the step is made trainable."""
         channels = q.scale.numel() if q.spec.axis is not None else None
         new = cls(q.spec, channels)
@@ -124,6 +125,17 @@ class LSQQuantizer(UniformQuantizer):
         new.scale.requires_grad_(True)
         new.mode = q.mode
         return new
+
+    def begin_training(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
+        """The step at ``recon.act_lr()``, cosine-decayed."""
+        self.scale.requires_grad_(True)
+        return [ParamGroup("lsq.scale", [self.scale], recon.act_lr(), decay=True)]
+
+    def after_step(self) -> None:
+        self.scale.data.clamp_(min=1e-8)  # keep the step positive
+
+    def harden(self) -> None:
+        self.scale.requires_grad_(False)
 
     def grad_factor(self, x: torch.Tensor) -> float:
         """``g = 1 / sqrt(n * (qmax - qmin))`` with ``n`` the elements per step size."""

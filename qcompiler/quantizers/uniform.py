@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qcompiler.quantizers.qdrop import MaskPool, keep_mask, qdrop_mix
+from qcompiler.quantizers.qdrop import MaskSource, keep_mask, qdrop_mix
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ class UniformQuantizer(nn.Module):
         self.mode = "off"
         self.observer: RangeObserver | None = None
         self.drop_prob = 0.0  # QDrop: probability of keeping an element float (training only)
-        self.drop_masks: MaskPool | None = None
+        self.drop_masks: MaskSource | None = None
 
     @property
     def qmin(self) -> int:

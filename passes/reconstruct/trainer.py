@@ -1,0 +1,127 @@
+"""The training loop of one reconstruction unit.
+
+Rule: for ``recon.iters`` steps, draw a random mini-batch of rows; QDrop mixes the float and the
+quantized stream element-wise (``where(u < p, fp, q)``) at the unit's inputs and, inside the unit,
+keeps each activation float with probability ``p``; the loss is the squared error summed over
+channels, averaged, against the float output, plus ``recon.reg_weight`` times the quantizers'
+regularisers. The quantizers are learned through the family protocol
+(``qcompiler.quantizers.family.Trainable``): one Adam optimizer with a parameter group per
+learning rate, groups marked ``decay`` on a cosine to 0. Afterwards every trainable quantizer is
+hardened. The unit's RNG is seeded from (seed, unit index), so a resumed run reaches what an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from qcompiler.config import ReconConfig
+from qcompiler.ir.program import Unit
+from qcompiler.passes.reconstruct.qdrop import MaskPool, take_rows
+from qcompiler.passes.reconstruct.units import modes, quantizers_of, rec_loss, unit_loss
+from qcompiler.quantizers.family import ParamGroup, Trainable
+from qcompiler.quantizers.qdrop import qdrop_mix
+
+log = logging.getLogger("qcompiler.reconstruct")
+
+
+def _optimizer(groups: list[ParamGroup], iters: int):  # noqa: ANN202
+    """One Adam over the groups merged by key (one ``step`` call per iteration: its Python overhead
+    is per call), and the cosine schedule of the decayed ones (None if none decays)."""
+    merged: dict[str, ParamGroup] = {}
+    for g in groups:
+        if g.key in merged:
+            merged[g.key].params.extend(g.params)
+        else:
+            merged[g.key] = ParamGroup(g.key, list(g.params), g.lr, g.decay)
+    if not merged:
+        return None, None
+    opt = torch.optim.Adam([{"params": g.params, "lr": g.lr} for g in merged.values()], fused=True)
+    if not any(g.decay for g in merged.values()):
+        return opt, None
+
+    def cosine(it: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(it, iters) / max(iters, 1)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [cosine if g.decay else (lambda it: 1.0)
+                                                        for g in merged.values()])
+
+
+def train_unit(recon: ReconConfig, seed: int, gm: fx.GraphModule, sub: fx.GraphModule, unit: Unit, index: int,
+               fp_in: list[torch.Tensor], q_in: list[torch.Tensor], fp_out: torch.Tensor, p: float,
+               estimate_for: int = 0) -> dict[str, float]:
+    """Learn the unit's quantizers (module docstring). After a few iterations of the first unit trained
+    in this run, log roughly how long ``estimate_for`` units of this size will take.
+
+    Returns how far a learned discrete choice converged (empty when no quantizer has one):
+    ``loss_soft``, the loss just before hardening, and ``undecided``, the fraction of choices still
+    open (for AdaRound, h between 0.1 and 0.9: hardening moves those weights by 0.1 to 0.5 of a step
+    each, which the soft loss did not see)."""
+    gen = torch.Generator().manual_seed(seed * 100003 + index)
+    torch.manual_seed(seed * 100003 + index)
+    learners = [q for q in quantizers_of(gm, sub, "weight") if isinstance(q, Trainable)]
+    if p < 1.0:  # activations are learned only where some of them are quantized in the loop
+        learners += [q for q in quantizers_of(gm, sub, "act") if isinstance(q, Trainable)]
+    opt, sched = _optimizer([g for q in learners for g in q.begin_training(recon)], recon.iters)
+    acts = quantizers_of(gm, sub, "act")
+    masks = MaskPool(p, gen) if 0.0 < p < 1.0 else None
+    for q in acts:
+        q.drop_prob = p
+        q.drop_masks = masks
+    n = fp_out.shape[0]
+    probe = max(1, min(25, recon.iters // 10))  # the estimate times iterations probe..2*probe
+    bar = tqdm(range(recon.iters), desc=unit.name, unit="it", leave=False,
+               disable=not log.isEnabledFor(logging.INFO) or recon.iters < 50)
+    with modes(gm, sub, "quant"), logging_redirect_tqdm():  # log lines print above the progress bar
+        try:
+            for it in bar:
+                idx = torch.randint(0, n, (min(recon.batch_size, n),), generator=gen)
+                xs = [qdrop_mix(take_rows(f, idx), take_rows(q, idx), p, masks) if f.is_floating_point()
+                      else take_rows(q, idx) for f, q in zip(fp_in, q_in, strict=True)]
+                for q in learners:
+                    q.before_step(it)
+                out = sub(*xs)[0]
+                loss = rec_loss(out, take_rows(fp_out, idx))
+                regs = [r for r in (q.regularizer() for q in learners) if r is not None]
+                if regs:
+                    loss = loss + recon.reg_weight * sum(regs)
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if opt is not None:
+                    opt.step()
+                if sched is not None:
+                    sched.step()
+                for q in learners:
+                    q.after_step()
+                if it % 100 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4g}")
+                if estimate_for and it == probe:
+                    t_probe = time.perf_counter()
+                if estimate_for and it == 2 * probe:
+                    per_it = (time.perf_counter() - t_probe) / probe
+                    log.info("reconstructing %d units x %d iterations: roughly %s (%.0f ms per iteration here)",
+                             estimate_for, recon.iters, duration(per_it * recon.iters * estimate_for), 1e3 * per_it)
+        finally:
+            for q in acts:
+                q.drop_prob = 0.0
+                q.drop_masks = None
+    conv = {}
+    choices = [c for c in (q.convergence() for q in learners) if c is not None]
+    if choices:
+        conv = {"loss_soft": unit_loss(gm, sub, q_in, fp_out),
+                "undecided": round(sum(c[0] for c in choices) / sum(c[1] for c in choices), 4)}
+    for q in learners:
+        q.harden()
+    return conv
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

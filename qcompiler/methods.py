@@ -1,0 +1,57 @@
+"""Methods as recipes: what each ``--method`` name runs.
+
+A :class:`Method` is a pass sequence (pass names the pipeline knows; the target's lowering and
+checks follow it) and the knob values it starts from, among them the quantizer family each tensor
+kind learns in reconstruction (``weight_quantizer``, ``act_quantizer``: names of
+``qcompiler.quantizers.FAMILIES``), the unit granularity and the QDrop probability. A recipe file,
+``--recipe`` or explicit options override those values (``qcompiler.config.resolve``).
+
+A new method is one :func:`register` call; where it brings new numerics, one quantizer family file
+in ``qcompiler/quantizers/`` beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+#: Capture, BatchNorm folding, quantizer insertion and calibration: round to nearest.
+RTN = ("trace", "fold_bn", "insert_quantizers", "calibrate")
+#: Then reconstruction unit by unit; activations it did not learn are calibrated again after it.
+RECONSTRUCTION = (*RTN, "partition", "reconstruct", "recalibrate")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One ``--method``: its pass sequence and the knob values it sets."""
+
+    name: str
+    help: str
+    passes: tuple[str, ...] = RTN
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the table ``--method`` reads (a name may not be taken twice)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+register(Method("rtn", "round to nearest, ranges from calibration"))
+register(Method("adaround", "AdaRound: learned weight rounding layer by layer, float activations in the loop",
+                RECONSTRUCTION, {"granularity": "layer", "weight_quantizer": "adaround", "qdrop": 1.0}))
+register(Method("brecq", "BRECQ: learned weight rounding block by block, float activations in the loop",
+                RECONSTRUCTION, {"granularity": "block", "weight_quantizer": "adaround", "qdrop": 1.0}))
+register(Method("qdrop", "QDrop: BRECQ with LSQ activation steps, each activation dropped to float at 0.5",
+                RECONSTRUCTION, {"granularity": "block", "weight_quantizer": "adaround", "act_quantizer": "lsq",
+                                 "qdrop": 0.5}))
