@@ -36,7 +36,8 @@ from qcompiler.ir.annotation import Annotations, annotate_by_placement
 from qcompiler.ir.passes import Pass, PassResult, require_graph
 from qcompiler.ir.program import Lowered, Program, export_args
 from qcompiler.ir.target import Placement
-from qcompiler.quantizers.uniform import QSpec, UniformQuantizer
+from qcompiler.quantizers.grid import QSpec
+from qcompiler.quantizers.uniform import UniformQuantizer
 
 log = logging.getLogger("qcompiler.onnx_qdq")
 
@@ -241,10 +242,8 @@ class LowerOnnxQdq(Pass):
 
     def requires(self, program: Program) -> None:
         require_graph(program, self.name)
-        for node in [*program.quantizer_nodes("act"), *program.quantizer_nodes("weight")]:
-            q = program.gm.get_submodule(node.target)
-            if q.mode != "quant":
-                raise PreconditionError(f"quantizer {node.name} is not calibrated (mode {q.mode}); run calibrate first")
+        if not program.state.calibrated:
+            raise PreconditionError("lower_onnx_qdq needs calibrated quantizers: run calibrate first")
 
     def run(self, program: Program) -> PassResult:
         deploy, stats = build_deploy_graph(program)

@@ -4,7 +4,7 @@ The fake-quant graph computes every requantization in float: ``round(y / s_y)`` 
 output ``y``. ONNX Runtime's fused kernels compute it from the exact integer accumulator, with a
 float32 multiplier, and the two part where ``y / s_y`` lies within float rounding of a tie: a flip of
 one step, rare per element, but millions of elements per image at 4 bits move the top-1 of a few
-images in a hundred (EfficientNet-Lite0 W4A4: 96-98% agreement). :func:`integer_exact` returns a
+images in a hundred (bench/results/recon_efficientnet_lite0_w4a4.md). :func:`integer_exact` returns a
 copy of the fake-quant graph whose requantizations are computed as ORT's CPU kernels compute them
 (MLAS on x86), so the two agree to the last integer:
 

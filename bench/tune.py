@@ -25,17 +25,17 @@ def measure(model_file: str, bits: str, **options) -> float:
     import qcompiler
     from qcompiler.api import load_model_file
     from qcompiler.backends import ort as ob
-    from qcompiler.quantizers import uniform
+    from qcompiler.quantizers import ranges
 
     names = {"weight_p": "WEIGHT_MSE_P", "wide_weight_p": "WIDE_WEIGHT_MSE_P", "act_p": "ACT_MSE_P"}
-    saved = {k: getattr(uniform, v) for k, v in names.items()}
+    saved = {k: getattr(ranges, v) for k, v in names.items()}
     for k, v in names.items():
-        setattr(uniform, v, options.pop(k, saved[k]))
+        setattr(ranges, v, options.pop(k, saved[k]))
     try:
         r = qcompiler.compile(model_file, bits=bits, **options)
     finally:
         for k, v in names.items():
-            setattr(uniform, v, saved[k])
+            setattr(ranges, v, saved[k])
     with torch.no_grad():
         return load_model_file(model_file).evaluate(ob.runner(ob.session(r.onnx_bytes)), split="val")["top1"]
 

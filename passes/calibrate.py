@@ -1,7 +1,7 @@
 """calibrate: initialise every quantizer's step size and zero point.
 
-Rule: weight quantizers are initialised from their weights (``w_init``: min-max, or the per-channel
-range that minimises the squared quantization error); activation quantizers observe the
+Rule: weight quantizers are initialised from their weights (``w_init``: min-max, or ``mse``: the
+per-channel grid that minimises the mean ``|w - fq(w)|^p`` of ``quantizers.ranges``); activation quantizers observe the
 calibration batches while weights are already quantized and activations still float, then take
 their range from what they saw (``a_init``: min-max, MSE search, or the percentile clip).
 Afterwards every quantizer fake-quantizes: the program computes what round-to-nearest deploys.
@@ -19,7 +19,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from qcompiler.errors import CalibrationDataError, PreconditionError
+from qcompiler.errors import CalibrationDataError, PostconditionError, PreconditionError
 from qcompiler.ir import registry
 from qcompiler.ir.passes import Pass, PassResult, require_graph
 from qcompiler.ir.program import Program, call, check_calibration
@@ -95,7 +95,7 @@ class Calibrate(Pass):
         for node in [*program.quantizer_nodes("act"), *program.quantizer_nodes("weight")]:
             q = program.gm.get_submodule(node.target)
             if not torch.isfinite(q.scale).all() or (q.scale <= 0).any():
-                raise PreconditionError(f"quantizer {node.name} got a non-positive or non-finite step size")
+                raise PostconditionError(f"quantizer {node.name} got a non-positive or non-finite step size")
 
 
 def _is_param(gm: torch.nn.Module, target: str) -> bool:

@@ -43,7 +43,7 @@ class InsertQuantizers(Pass):
     def requires(self, program: Program) -> None:
         require_graph(program, self.name)
         if program.target is None:
-            raise PreconditionError("insert_quantizers needs program.target (the pipeline sets it)")
+            raise PreconditionError("insert_quantizers needs program.target: Program(target=...); compile() sets it")
         if any(True for _ in program.quantizer_nodes()):
             raise PreconditionError("the graph already has quantizers")
 

@@ -23,7 +23,7 @@ import networkx as nx
 from torch import fx
 
 from qcompiler.config import GRANULARITIES
-from qcompiler.errors import ConfigError, PreconditionError
+from qcompiler.errors import ConfigError, PostconditionError, PreconditionError
 from qcompiler.ir import registry
 from qcompiler.ir.passes import Pass, PassResult, require_graph
 from qcompiler.ir.program import Program, Unit
@@ -145,7 +145,7 @@ class Partition(Pass):
         units = program.units
         covered = [x for u in units for x in u.nodes]
         if len(covered) != len(set(covered)):
-            raise PreconditionError("partition produced overlapping units")
+            raise PostconditionError("partition produced overlapping units")
 
 
 def _scope(layer: str) -> str:

@@ -17,7 +17,7 @@ import traceback
 import torch
 from torch import fx, nn
 
-from qcompiler.errors import CaptureError, PreconditionError
+from qcompiler.errors import CaptureError, PostconditionError, PreconditionError
 from qcompiler.ir.passes import Pass, PassResult
 from qcompiler.ir.program import Program, call, export_args, flat_outputs
 
@@ -111,7 +111,8 @@ class Trace(Pass):
         return PassResult(True, {"path": path, "nodes": len(gm.graph.nodes)})
 
     def ensures(self, program: Program) -> None:
-        assert isinstance(program.gm, fx.GraphModule)
+        if not isinstance(program.gm, fx.GraphModule):
+            raise PostconditionError("trace did not produce a GraphModule")
 
 
 def _export(model: nn.Module, inputs: tuple | dict) -> fx.GraphModule:

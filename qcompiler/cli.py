@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_ERROR)
 
 
-def _add_knob(group: argparse._ArgumentGroup, name: str, f) -> None:  # noqa: ANN001 - a dataclass Field
+def _add_knob(group, name: str, f) -> None:  # noqa: ANN001 - an argparse group, a dataclass Field
     """One knob's flag (and its aliases); the default is None so given flags can be told apart."""
     tp, _ = knob_type(f)
     flag = "--" + name.replace("_", "-")
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     from qcompiler.methods import METHODS
 
     p = _Parser(prog="qcompile", description="Quantize a PyTorch model file to an integer ONNX model.",
-                epilog="methods: " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))
+                allow_abbrev=False, epilog="methods: " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))
     p.add_argument("model", help="model file defining build(), example_inputs(), calibration_data() [, evaluate()]")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     p.add_argument("--recipe", metavar="FILE.toml", help="knob values from a recipe file; flags given here win")

@@ -280,7 +280,7 @@ def resolve(given: dict[str, Any] | None = None, recipe: dict[str, Any] | None =
             if k not in table:
                 near = difflib.get_close_matches(k, table, n=1)
                 hint = f" (did you mean {near[0]}?)" if near else ""
-                raise ConfigError(f"unknown {source} {k!r}{hint}; known: {', '.join(sorted(table))}")
+                raise ConfigError(f"unknown {source} key {k!r}{hint}; known: {', '.join(sorted(table))}")
     method = layers[0][1].get("method", layers[1][1].get("method", default_of(table["method"][1])))
     if not isinstance(method, str):
         raise ConfigError(f"method = {method!r} is not a str")

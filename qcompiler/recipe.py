@@ -20,9 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
-
 import tomllib
+from typing import Any
 
 from qcompiler.config import CompileConfig
 from qcompiler.errors import ConfigError

@@ -10,12 +10,8 @@ from onnx import TensorProto, helper
 
 from qcompiler.backends import ort as ort_backend
 from qcompiler.quantizers.bias import BiasQuantizer
-from qcompiler.quantizers.uniform import (
-    QSpec,
-    UniformQuantizer,
-    fake_quant,
-    params_from_range,
-)
+from qcompiler.quantizers.grid import QSpec, fake_quant, params_from_range
+from qcompiler.quantizers.uniform import UniformQuantizer
 
 
 def _ort_qdq(x: np.ndarray, scale: float, zp: int, signed: bool) -> np.ndarray:
@@ -103,7 +99,7 @@ def test_bias_quantizer_fused_function_matches_straight_through_composition(per_
     gradients to the bias and to both steps (the activation's, LSQ-trained, and a trained weight
     step), also for a bias clamped at the int32 limit."""
     from qcompiler.quantizers.bias import INT32_LIMIT
-    from qcompiler.quantizers.uniform import round_ste
+    from qcompiler.quantizers.grid import round_ste
 
     a = UniformQuantizer(QSpec(4, False, False))
     a.set_range(torch.tensor(0.0), torch.tensor(1.5))

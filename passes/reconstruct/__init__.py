@@ -58,9 +58,8 @@ class Reconstruct(Pass):
         require_graph(program, self.name)
         if program.units is None:
             raise PreconditionError("reconstruct needs units: run partition first")
-        for n in program.quantizer_nodes("act"):
-            if program.gm.get_submodule(str(n.target)).mode != "quant":
-                raise PreconditionError("reconstruct needs calibrated quantizers: run calibrate first")
+        if not program.state.calibrated:
+            raise PreconditionError("reconstruct needs calibrated quantizers: run calibrate first")
 
     def run(self, program: Program) -> PassResult:
         gm, recon = program.gm, program.config.recon

@@ -30,7 +30,7 @@ from qcompiler.config import QuantConfig
 from qcompiler.errors import PreconditionError
 from qcompiler.ir import registry
 from qcompiler.ir.target import Placement
-from qcompiler.quantizers.uniform import QSpec
+from qcompiler.quantizers.grid import QSpec
 
 #: ``weight_spec(bits, depthwise, quant) -> (spec, notes)``: a target's weight grid for a layer that
 #: asks for ``bits``; ``notes`` name what the target changed (e.g. "narrowed", "kept symmetric").

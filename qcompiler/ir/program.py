@@ -6,7 +6,7 @@
 - ``verify``: batches the calibration never saw, for the target's check of the lowered model, and
   ``verify_source``, a sentence saying where they came from (it goes into the report).
 - ``config``: the :class:`~qcompiler.config.CompileConfig` (each pass reads its stage's part).
-- ``target``: the deployment :class:`~qcompiler.ir.target.Target` (set by the pipeline).
+- ``target``: the deployment :class:`~qcompiler.ir.target.Target` (``compile()`` picks it from the config).
 - ``work_dir``: where long passes keep files that let a rerun resume (None: nowhere).
 - ``gm``: the ``fx.GraphModule`` the passes rewrite (set by ``trace``).
 
@@ -22,7 +22,8 @@ Per-node facts live in ``node.meta`` under these keys:
 
 - ``qc.layer``: user-facing layer name of a compute op (module path of its weight).
 - ``qc.quantizer``: on a quantizer's call_module node, ``"act"``, ``"weight"`` or ``"bias"``.
-- ``qc.qspec``: on a quantizer's call_module node, its :class:`~qcompiler.quantizers.uniform.QSpec`.
+- ``qc.qspec``: on a quantizer's call_module node, its :class:`~qcompiler.quantizers.grid.QSpec`.
+- ``qc.of``: on an activation quantizer's node, the name of the tensor it quantizes.
 - ``qc.unit``: the reconstruction unit a node belongs to (set by ``partition``).
 """
 

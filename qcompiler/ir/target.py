@@ -2,7 +2,7 @@
 
 Passes never import a backend. Where a pass needs the target's rules (where quantizers go, which
 integer containers hold values) it reads ``program.target``, an object implementing this protocol
-that the pipeline chose and a backend provides.
+that ``compile()`` chose from the config and a backend provides.
 """
 
 from __future__ import annotations

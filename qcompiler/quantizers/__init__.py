@@ -2,8 +2,9 @@
 
 from qcompiler.errors import ConfigError
 from qcompiler.quantizers.adaround import AdaRoundQuantizer
+from qcompiler.quantizers.grid import QSpec, fake_quant
 from qcompiler.quantizers.lsq import LSQQuantizer
-from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, fake_quant
+from qcompiler.quantizers.uniform import UniformQuantizer
 
 #: Family name (the ``weight_quantizer`` / ``act_quantizer`` knobs) -> quantizer class. ``uniform``
 #: learns nothing; the others implement ``family.Trainable``.

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from qcompiler.quantizers.family import ParamGroup, Trainable
-from qcompiler.quantizers.uniform import QSpec, UniformQuantizer, _bcast, split_zero_point
+from qcompiler.quantizers.grid import QSpec, bcast, split_zero_point
+from qcompiler.quantizers.uniform import UniformQuantizer
 
 ZETA = 1.1
 GAMMA = -0.1
@@ -145,7 +146,7 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
         ``fake_quant``); elsewhere ``alpha`` is made strictly negative.
         """
         w = w.detach().to(self.scale.dtype)
-        ws = w / _bcast(self.grid_scale, w, self.spec.axis)
+        ws = w / bcast(self.grid_scale, w, self.spec.axis)
         pos = ws - 0.5 if self.spec.midrise else ws + self._split(w)[1]  # where w sits between two grid levels
         floor = torch.floor(pos)
         v = inverse_rectified_sigmoid(pos - floor)
@@ -161,7 +162,7 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
     def _split(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """``(zi, o)`` broadcast on ``w``: the zero point's integer part and, on a centered grid, its
         fractional part ``o`` (levels sit where ``w / s + o`` is an integer; 0 on other grids)."""
-        zi, o = split_zero_point(_bcast(self.zero_point, w, self.spec.axis))
+        zi, o = split_zero_point(bcast(self.zero_point, w, self.spec.axis))
         return zi, (o if self.spec.centered else 0.0)
 
     def _grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +170,7 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
         if w.shape != self.alpha.shape:
             raise ValueError(f"AdaRound alpha has shape {tuple(self.alpha.shape)}, weight {tuple(w.shape)}")
         zi, o = self._split(w)
-        g = _bcast(self.grid_scale, w, self.spec.axis)
+        g = bcast(self.grid_scale, w, self.spec.axis)
         return torch.floor(w / g - 0.5) if self.spec.midrise else torch.floor(w / g + o), zi
 
     def _value(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -190,15 +191,15 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
             # floor once. ``_value``'s ``(q - z) * s`` or ``(q + 1/2) * s`` is ``(q + offset) * s``.
             if self._base is None or self._base[0].shape != w.shape:
                 floor, zi = self._grid(w)
-                offset = 0.5 if self.spec.midrise else -_bcast(self.zero_point, w, self.spec.axis).detach()
+                offset = 0.5 if self.spec.midrise else -bcast(self.zero_point, w, self.spec.axis).detach()
                 self._base = ((floor + zi).detach(), offset)
             base, offset = self._base
-            s = _bcast(self.scale, w, self.spec.axis)
+            s = bcast(self.scale, w, self.spec.axis)
             out, self.reg = _SoftRound.apply(self.alpha, base, s, offset, float(self.qmin), float(self.qmax),
                                              self.reg_beta)
             return out
-        s = _bcast(self.scale, w, self.spec.axis)
-        z = _bcast(self.zero_point, w, self.spec.axis)
+        s = bcast(self.scale, w, self.spec.axis)
+        z = bcast(self.zero_point, w, self.spec.axis)
         return self._value(self._hard_int(w), s, z)
 
     def penalty(self, beta: float) -> torch.Tensor:
@@ -259,7 +260,7 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
         w = x.detach().to(self.scale.dtype)
         q = self._hard_int(w)
         if self.spec.centered:
-            return (q - _bcast(self.zero_point, w, self.spec.axis)) * _bcast(self.store_factor(), w, self.spec.axis)
+            return (q - bcast(self.zero_point, w, self.spec.axis)) * bcast(self.store_factor(), w, self.spec.axis)
         return 2.0 * q + 1.0 if self.spec.midrise else q
 
 

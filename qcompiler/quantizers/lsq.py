@@ -26,8 +26,9 @@ import torch
 
 from qcompiler.quantizers import native
 from qcompiler.quantizers.family import ParamGroup, Trainable
+from qcompiler.quantizers.grid import bcast, round_ste
 from qcompiler.quantizers.qdrop import mix
-from qcompiler.quantizers.uniform import UniformQuantizer, _bcast, round_ste
+from qcompiler.quantizers.uniform import UniformQuantizer
 
 
 class _LSQFakeQuant(torch.autograd.Function):
@@ -41,7 +42,7 @@ class _LSQFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, lo, hi, factor, axis, keep):
-        s = _bcast(scale, x, axis)
+        s = bcast(scale, x, axis)
         xs = x / s
         r = torch.round(xs)
         qz = torch.clamp(r, lo, hi)
@@ -101,7 +102,7 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
         if native.library() is not None and native.usable(x, keep):
             return _NativeLSQFakeQuant.apply(x, scale, lo, hi, factor, keep)
     else:
-        z = _bcast(zero_point, x, axis)
+        z = bcast(zero_point, x, axis)
         lo, hi = qmin - z, qmax - z
     return _LSQFakeQuant.apply(x, scale, lo, hi, factor, axis, keep)
 
@@ -159,6 +160,6 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
 def grad_scale_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                          factor: float, axis: int | None = None) -> torch.Tensor:
     """LSQ written with autograd's own ops (straight-through round, clamp): the fused function's reference."""
-    s = _bcast(grad_scale(scale, factor), x, axis)
-    z = _bcast(zero_point, x, axis)
+    s = bcast(grad_scale(scale, factor), x, axis)
+    z = bcast(zero_point, x, axis)
     return (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
