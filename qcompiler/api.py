@@ -185,6 +185,10 @@ def compile(  # noqa: A001 - the public name of the API
     tgt = get_target(config)
     out_path = check_output_path(output) if output is not None else None
     report_path = _check_report_dir(report_dir) if report_dir is not None else None
+    if report_path is not None:  # first, so that an interrupted run can be repeated (and resumed) from it
+        label = type(model).__name__ if isinstance(model, nn.Module) else model
+        header = f"qcompile {label}: the resolved recipe of this run (qcompile MODEL.py --recipe recipe.toml)"
+        atomic_write(report_path / "recipe.toml", dump_recipe(config, header).encode())
     kwargs = dict(model_args or {})
     module: ModuleType | None = None
     if isinstance(model, nn.Module):
@@ -244,8 +248,6 @@ def compile(  # noqa: A001 - the public name of the API
     program.report["total_seconds"] = round(time.perf_counter() - t0, 2)
     if report_path is not None:
         write_report(report_path, program.report)
-        header = f"qcompile {source}: the resolved recipe of this run (qcompile MODEL.py --recipe recipe.toml)"
-        atomic_write(report_path / "recipe.toml", dump_recipe(config, header).encode())
     return result
 
 
