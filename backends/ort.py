@@ -170,13 +170,16 @@ class VerifyOrt(Pass):
     Rule: on ``program.verify`` (inputs calibration never saw; at most ``options.verify_samples``
     samples) ORT's top-1 agrees with the fake-quant model's on at least ``options.min_agreement``
     of the samples and no sample's output is further than ``options.max_error`` (relative) from the
-    fake-quant one. Failing either is a VerificationError. The fake-quant model is computed with ORT's integer
-    arithmetic (:func:`~qcompiler.backends.ort_numerics.integer_exact`, kept as
+    fake-quant one. Failing either is a VerificationError. The fake-quant model is computed with ORT's
+    integer arithmetic (:func:`~qcompiler.backends.ort_numerics.integer_exact`, kept as
     ``program.lowered.integer_gm``): on this CPU's kernels the two agree bit for bit, so any difference
     is a lowering that computes something else.
     """
 
     name = "verify_ort"
+
+    def __init__(self, options: TargetOptions | None = None) -> None:
+        self.options = options or TargetOptions()
 
     def requires(self, program: Program) -> None:
         if program.lowered is None:
@@ -184,9 +187,6 @@ class VerifyOrt(Pass):
         if not program.verify:
             raise PreconditionError("verify_ort needs verification inputs (program.verify): inputs the "
                                     "calibration did not see")
-
-    def __init__(self, options: TargetOptions | None = None) -> None:
-        self.options = options or TargetOptions()
 
     def run(self, program: Program) -> PassResult:
         cfg = self.options

@@ -1,9 +1,10 @@
 """calibrate: initialise every quantizer's step size and zero point.
 
 Rule: weight quantizers are initialised from their weights (``w_init``: min-max, or ``mse``: the
-per-channel grid that minimises the mean ``|w - fq(w)|^p`` of ``quantizers.ranges``); activation quantizers observe the
-calibration batches while weights are already quantized and activations still float, then take
-their range from what they saw (``a_init``: min-max, MSE search, or the percentile clip).
+per-channel grid that minimises the mean ``|w - fq(w)|^p``, ``quantizers.ranges``); activation
+quantizers observe the calibration batches while weights are already quantized and activations
+still float, then take their range from what they saw (``a_init``: min-max, the same search, or
+the percentile clip).
 Afterwards every quantizer fake-quantizes: the program computes what round-to-nearest deploys.
 
 ``Calibrate(weights=False)`` (pass name ``recalibrate``) keeps the weight quantizers as they are and
