@@ -20,15 +20,21 @@ from typing import Any
 import torch
 from torch import fx
 
+from qcompiler.passes.reconstruct.qdrop import memory_order
+
 log = logging.getLogger("qcompiler.reconstruct")
 
 CHECKPOINT = "reconstruct.ckpt"
 
 
 def _update(h: Any, t: torch.Tensor) -> None:
-    t = t.detach().contiguous().cpu()
+    """Hash ``t``'s dtype, shape and values in memory order, without copying a dense tensor (the
+    calibration data is the size of the whole image set)."""
+    t = t.detach().cpu()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        flat = memory_order(t) if t.dim() == 4 else t.reshape(-1)
+        h.update(flat.contiguous().view(torch.uint8).numpy())
 
 
 def signature(fingerprint: dict, units: list[str], gm: fx.GraphModule, data: list[torch.Tensor]) -> str:
