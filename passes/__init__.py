@@ -3,8 +3,9 @@
 from qcompiler.passes.calibrate import Calibrate
 from qcompiler.passes.fold_bn import FoldBatchNorm
 from qcompiler.passes.insert_quantizers import InsertQuantizers
+from qcompiler.passes.mrecg import Mrecg
 from qcompiler.passes.partition import Partition
 from qcompiler.passes.reconstruct import Reconstruct
 from qcompiler.passes.trace import Trace
 
-__all__ = ["Calibrate", "FoldBatchNorm", "InsertQuantizers", "Partition", "Reconstruct", "Trace"]
+__all__ = ["Calibrate", "FoldBatchNorm", "InsertQuantizers", "Mrecg", "Partition", "Reconstruct", "Trace"]

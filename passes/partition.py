@@ -1,20 +1,23 @@
 """partition: cut the quantized graph into reconstruction units.
 
-Rule: a *cut* is an activation quantizer whose output every path from the model inputs to the
-model output passes through (it dominates the output in the DAG, found with networkx). Residual
-adds and branch joins are therefore never cut inside: a residual block lies between two cuts.
+Rule: a *cut* is a node every path from the model inputs to the model output passes through (it
+dominates the output in the DAG, found with networkx) and that is an activation quantizer or
+starts a branch (two or more users). Residual adds and branch joins are therefore never cut
+inside: a residual block (or a transformer's attention or feed-forward sublayer, whose normalised
+output the next residual reads again) lies between two cuts.
 
 - ``block``: a unit is the span between two consecutive cuts that contains a compute op
   (spans without one join the following unit). A chain of layers that all dominate the output (a
   block without a residual, e.g. a MobileNet/EfficientNet MBConv without skip) has a cut after
-  every layer; there the module hierarchy decides: the unit only ends at a cut when the next
-  compute op lives in another parent module (``_blocks.3._project_conv`` -> ``_blocks.3``).
+  every layer; there the module hierarchy decides: the unit only ends at a quantizer cut when the
+  next compute op lives in another parent module (``_blocks.3._project_conv`` -> ``_blocks.3``).
+  A cut where a branch starts always ends the unit.
 - ``layer``: every compute op is its own unit, ending at the next activation quantizer that
   follows it (the output the integer kernel requantizes).
 
 Each unit records its nodes (in graph order), its output node and the outside values it reads;
-every node's unit index goes into ``node.meta["qc.unit"]``. Later granularities (MRECG merges)
-combine consecutive units of this list.
+every node's unit index goes into ``node.meta["qc.unit"]``. The MRECG granularities start from the
+``block`` units; the ``mrecg`` pass merges adjacent ones (:func:`merge_units`).
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
     return g
 
 
-def cuts(gm: fx.GraphModule) -> list[str]:
-    """Activation quantizers that dominate the output, in graph order."""
+def cuts(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
+    """The nodes every path from the inputs to the output passes through (dominators of the output),
+    as ``(quantizers, branches)``: the activation quantizers among them, and those where a branch
+    starts (two or more users: the value a residual or a join reads again later)."""
     g = dataflow_graph(gm)
     source = "__qc_source__"
     for n in gm.graph.nodes:
@@ -59,7 +64,8 @@ def cuts(gm: fx.GraphModule) -> list[str]:
     while v != source:
         dominators.add(v)
         v = idom[v]
-    return [n.name for n in gm.graph.nodes if n.name in dominators and n.meta.get("qc.quantizer") == "act"]
+    quantizers = {n.name for n in gm.graph.nodes if n.name in dominators and n.meta.get("qc.quantizer") == "act"}
+    return quantizers, {v for v in dominators if v != out and g.out_degree(v) > 1}
 
 
 class Partition(Pass):
@@ -82,7 +88,9 @@ class Partition(Pass):
         gm = program.gm
         order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and not is_param_side(n)]
         granularity = self.granularity or program.config.recon.granularity
-        ends = set(cuts(gm)) if granularity == "block" else self._layer_ends(gm)
+        blocks = granularity != "layer"  # block and the MRECG granularities, which merge blocks later
+        chain, branches = cuts(gm) if blocks else (self._layer_ends(gm), set())
+        ends = chain | branches
         compute = [i for i, n in enumerate(order) if registry.kind(n, gm) in registry.COMPUTE_KINDS]
         units: list[Unit] = []
         span: list[fx.Node] = []
@@ -93,23 +101,21 @@ class Partition(Pass):
             inside = [m for m in span if registry.kind(m, gm) in registry.COMPUTE_KINDS]
             if not inside:
                 continue
-            if granularity == "block":
+            if blocks and n.name not in branches:
                 nxt = next((order[j] for j in compute if j > i), None)
                 if nxt is not None and _scope(nxt.meta["qc.layer"]) == _scope(inside[-1].meta["qc.layer"]):
                     continue  # a cut inside one module's chain of layers: the block goes on
-            units.append(self._unit(gm, span, len(units)))
+            units.append(make_unit(gm, span, len(units)))
             span = []
         if span:  # trailing ops after the last cut (e.g. an unquantized head) join the last unit
             if not units:
-                units.append(self._unit(gm, span, 0))
+                units.append(make_unit(gm, span, 0))
             else:
                 last = units.pop()
-                units.append(self._unit(gm, [gm_node(gm, x) for x in last.nodes] + span, len(units)))
-        for i, u in enumerate(units):
-            for name in u.nodes:
-                gm_node(gm, name).meta["qc.unit"] = i
-        program.units = units
+                units.append(make_unit(gm, [gm_node(gm, x) for x in last.nodes] + span, len(units)))
+        set_units(program, units)
         program.state.granularity = granularity
+        program.report["partition"] = {"granularity": granularity, "units": describe(units)}
         return PassResult(True, {"units": len(units), "granularity": granularity,
                                  "layers_per_unit": max(len(u.layers) for u in units)})
 
@@ -129,23 +135,47 @@ class Partition(Pass):
                 ends.add(v.name)
         return ends
 
-    @staticmethod
-    def _unit(gm: fx.GraphModule, span: list[fx.Node], index: int) -> Unit:
-        names = {n.name for n in span}
-        inputs: list[str] = []
-        for n in span:
-            for m in n.all_input_nodes:
-                if m.name not in names and not is_param_side(m) and m.name not in inputs:
-                    inputs.append(m.name)
-        layers = [n.meta["qc.layer"] for n in span if registry.kind(n, gm) in registry.COMPUTE_KINDS]
-        return Unit(name=f"unit{index}:{layers[0] if layers else span[0].name}", nodes=[n.name for n in span],
-                    output=span[-1].name, inputs=inputs, layers=layers)
-
     def ensures(self, program: Program) -> None:
         units = program.units
         covered = [x for u in units for x in u.nodes]
         if len(covered) != len(set(covered)):
             raise PostconditionError("partition produced overlapping units")
+
+
+def make_unit(gm: fx.GraphModule, span: list[fx.Node], index: int) -> Unit:
+    """The unit of the nodes ``span`` (in graph order): its output is the last node, its inputs the
+    activations it reads from outside."""
+    names = {n.name for n in span}
+    inputs: list[str] = []
+    for n in span:
+        for m in n.all_input_nodes:
+            if m.name not in names and not is_param_side(m) and m.name not in inputs:
+                inputs.append(m.name)
+    layers = [n.meta["qc.layer"] for n in span if registry.kind(n, gm) in registry.COMPUTE_KINDS]
+    return Unit(name=f"unit{index}:{layers[0] if layers else span[0].name}", nodes=[n.name for n in span],
+                output=span[-1].name, inputs=inputs, layers=layers)
+
+
+def merge_units(gm: fx.GraphModule, units: list[Unit], groups: list[list[int]]) -> list[Unit]:
+    """Units made of ``groups``, runs of consecutive indices of ``units`` that cover them in order."""
+    if [i for g in groups for i in g] != list(range(len(units))):
+        raise ValueError(f"merge groups {groups} do not cover units 0..{len(units) - 1} in order")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return [make_unit(gm, [nodes[x] for i in g for x in units[i].nodes], k) for k, g in enumerate(groups)]
+
+
+def set_units(program: Program, units: list[Unit]) -> None:
+    """Make ``units`` the program's, each node's index in ``node.meta["qc.unit"]``."""
+    nodes = {n.name: n for n in program.gm.graph.nodes}
+    for i, u in enumerate(units):
+        for name in u.nodes:
+            nodes[name].meta["qc.unit"] = i
+    program.units = units
+
+
+def describe(units: list[Unit]) -> list[dict]:
+    """The units as report.json lists them."""
+    return [{"name": u.name, "layers": u.layers, "nodes": u.nodes} for u in units]
 
 
 def _scope(layer: str) -> str:

@@ -308,12 +308,14 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     """report.json (everything) and summary.md (the short human version) in ``path``."""
     atomic_write(path / "report.json", json.dumps(report, indent=2, default=str).encode())
     atomic_write(path / "summary.md", summary_markdown(report).encode())
-    if report.get("reconstruction", {}).get("units"):
-        plot_reconstruction(report["reconstruction"]["units"], path / "reconstruction_loss.png")
+    recon = report.get("reconstruction", {})
+    if recon.get("units"):
+        plot_reconstruction(recon["units"], path / "reconstruction_loss.png", recon.get("oscillation"))
 
 
-def plot_reconstruction(units: list[dict], path: Path) -> None:
-    """Per-unit reconstruction loss before and after (log scale) as a PNG."""
+def plot_reconstruction(units: list[dict], path: Path, oscillation: float | None = None) -> None:
+    """Per-unit reconstruction loss before and after (log scale) as a PNG, titled with the after
+    curve's oscillation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,6 +330,8 @@ def plot_reconstruction(units: list[dict], path: Path) -> None:
     ax.set_ylabel("output reconstruction loss")
     ax.set_xticks(list(xs), [u["unit"].split(":", 1)[-1] for u in units], rotation=90, fontsize=7)
     ax.legend()
+    if oscillation is not None:
+        ax.set_title(f"oscillation (upward variation of ln loss) {oscillation:.3f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -27,7 +27,7 @@ from qcompiler.errors import ConfigError
 
 ACT_INITS = ("minmax", "mse", "percentile")
 WEIGHT_INITS = ("minmax", "mse")
-GRANULARITIES = ("layer", "block")
+GRANULARITIES = ("layer", "block", "mrecg-modcap", "mrecg-loss")
 #: Default learning rates of the weight rounding and the activation steps, set for LR_ITERS
 #: iterations per unit; longer runs divide them by iters / LR_ITERS.
 W_LR, A_LR, LR_ITERS = 1e-2, 4e-5, 2000
@@ -123,13 +123,23 @@ class QuantConfig:
 class ReconConfig:
     """How reconstruction partitions and trains (read by partition and reconstruct)."""
 
-    granularity: str = knob("block", "reconstruction units: layer or block")
+    granularity: str = knob("block", "reconstruction units: layer, block, or blocks with MRECG's merges of adjacent "
+                                     "pairs ranked by capacity (mrecg-modcap) or by a probe's losses (mrecg-loss)")
+    mrecg_k: int | None = knob(None, "MRECG: adjacent block pairs to merge (default: one per six blocks, at least 1)",
+                               metavar="K")
+    mrecg_alpha: float = knob(1.6, "MRECG ModCap: weight of a stride-2 layer's parameters")
+    mrecg_probe_iters: int | None = knob(None, "mrecg-loss: iterations per block of the probe reconstruction whose "
+                                               "losses rank the pairs (default iters / 10, at least 20)")
+    mrecg_probe_samples: int = knob(256, "mrecg-loss: the probe reconstructs on the first N calibration samples",
+                                    metavar="N")
     weight_quantizer: str = knob("adaround", "quantizer family the weights learn in reconstruction")
     act_quantizer: str = knob("uniform", "quantizer family the activations learn in reconstruction (when --qdrop < 1)")
     qdrop: float = knob(1.0, "probability that an activation stays float in reconstruction (QDrop; 1: BRECQ-style "
                              "float activations, calibrated after)")
     iters: int = knob(20000, "reconstruction iterations per unit; the log estimates the run's time after a few")
     batch_size: int = knob(32, "reconstruction mini-batch")
+    micro_batch: int = knob(64, "rows per forward and backward pass: a larger --batch-size accumulates its gradient "
+                                "over micro-batches, so memory does not bound the batch", metavar="N")
     w_lr: float | None = knob(None, "weight-rounding learning rate (default 1e-2 up to 2000 iterations, then "
                                     "1e-2 x 2000 / iters)")
     a_lr: float | None = knob(None, "activation step learning rate (default 4e-5, scaled like --w-lr)")
@@ -151,8 +161,23 @@ class ReconConfig:
                 raise ConfigError(f"{name}={lr} must be positive")
         if self.holdout < 0:
             raise ConfigError(f"holdout={self.holdout} must be >= 0")
-        if self.iters < 0 or self.batch_size < 1:
-            raise ConfigError(f"iters ({self.iters}) must be >= 0 and batch size ({self.batch_size}) >= 1")
+        if self.iters < 0 or self.batch_size < 1 or self.micro_batch < 1:
+            raise ConfigError(f"iters ({self.iters}) must be >= 0, batch size ({self.batch_size}) and micro-batch "
+                              f"({self.micro_batch}) >= 1")
+        if self.mrecg_k is not None and self.mrecg_k < 0:
+            raise ConfigError(f"mrecg_k={self.mrecg_k} must be >= 0")
+        if not self.mrecg_alpha > 0 or self.mrecg_probe_samples < 1 or (self.mrecg_probe_iters or 1) < 1:
+            raise ConfigError("mrecg_alpha must be positive, mrecg_probe_samples and mrecg_probe_iters >= 1")
+
+    def mrecg_pairs(self, blocks: int) -> int:
+        """MRECG's k for ``blocks`` blocks: ``mrecg_k``, or one pair per six blocks and at least one;
+        never more than the blocks - 1 adjacent pairs there are."""
+        k = self.mrecg_k if self.mrecg_k is not None else max(1, round(blocks / 6))
+        return min(k, max(blocks - 1, 0))
+
+    def probe_iters(self) -> int:
+        """Iterations per block of mrecg-loss's probe: ``mrecg_probe_iters``, or iters / 10 and at least 20."""
+        return self.mrecg_probe_iters if self.mrecg_probe_iters is not None else max(20, self.iters // 10)
 
     def _lr_scale(self) -> float:
         return min(1.0, LR_ITERS / max(self.iters, 1))

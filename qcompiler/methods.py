@@ -19,8 +19,9 @@ from typing import Any
 
 #: Capture, BatchNorm folding, quantizer insertion and calibration: round to nearest.
 RTN = ("trace", "fold_bn", "insert_quantizers", "calibrate")
-#: Then reconstruction unit by unit; activations it did not learn are calibrated again after it.
-RECONSTRUCTION = (*RTN, "partition", "reconstruct", "recalibrate")
+#: Then reconstruction unit by unit (units merged by MRECG when the granularity asks for it);
+#: activations it did not learn are calibrated again after it.
+RECONSTRUCTION = (*RTN, "partition", "mrecg", "reconstruct", "recalibrate")
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,11 @@ def get_target(config: CompileConfig) -> Target:
 
 def pass_table() -> dict[str, Callable[[], Pass]]:
     """The passes a method's recipe names, by name."""
-    from qcompiler.passes import Calibrate, FoldBatchNorm, InsertQuantizers, Partition, Reconstruct, Trace
+    from qcompiler.passes import Calibrate, FoldBatchNorm, InsertQuantizers, Mrecg, Partition, Reconstruct, Trace
 
     return {"trace": Trace, "fold_bn": FoldBatchNorm, "insert_quantizers": InsertQuantizers, "calibrate": Calibrate,
-            "partition": Partition, "reconstruct": Reconstruct, "recalibrate": lambda: Calibrate(weights=False)}
+            "partition": Partition, "mrecg": Mrecg, "reconstruct": Reconstruct,
+            "recalibrate": lambda: Calibrate(weights=False)}
 
 
 def default_passes(config: CompileConfig, target: Target) -> list[Pass]:

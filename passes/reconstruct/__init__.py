@@ -17,16 +17,20 @@ Rule, per unit in graph order (units come from ``partition``):
    roundings still undecided; a run that ends units with more than ``UNDECIDED_WARN`` undecided
    warns that its schedule was too short for the regulariser to decide them.
 
-With ``holdout = N`` the last N calibration samples are left out of training and the hooks and
-only measured: each unit reports its loss on them before and after. Images are held channels-last
-(convolutions keep that layout, elementwise ops follow it; oneDNN's depthwise convolutions run
-faster in it). With a work directory a checkpoint is written after every unit and a rerun resumes
-after the last finished one (``checkpoint``), reaching what an uninterrupted run reaches.
+With ``holdout = N`` the last N calibration samples are left out of training and the hooks and only
+measured: each unit reports its loss on them before and after. The report gives the curve's
+oscillation (:func:`oscillation`), MRECG's symptom, to compare granularities. Images are held
+channels-last (convolutions keep that layout, elementwise ops follow it; oneDNN's depthwise
+convolutions run faster in it). With a work directory a checkpoint is written after every unit and a
+rerun resumes after the last finished one (``checkpoint``), reaching what an uninterrupted run
+reaches.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -47,6 +51,14 @@ from qcompiler.quantizers.family import Trainable
 log = logging.getLogger("qcompiler.reconstruct")
 
 UNDECIDED_WARN = 0.05  # warn when a unit ends with more of its roundings undecided than this
+
+
+def oscillation(losses: list[float]) -> float:
+    """The loss curve's total upward variation: the sum over consecutive units of
+    max(0, ln L_{i+1} - ln L_i). A curve that only rises scores ln(L_last / L_first); every
+    dip-and-rise adds its rise again."""
+    logs = [math.log(max(x, 1e-30)) for x in losses]
+    return round(sum(max(0.0, b - a) for a, b in itertools.pairwise(logs)), 4)
 
 
 class Reconstruct(Pass):
@@ -159,7 +171,8 @@ class Reconstruct(Pass):
         program.report["reconstruction"] = {"units": records, "seconds": round(time.perf_counter() - t_all, 2),
                                             "iters": recon.iters, "qdrop": p, "w_lr": recon.weight_lr(),
                                             "a_lr": recon.act_lr(), "bias_correct": recon.bias_correct,
-                                            "granularity": program.state.granularity, "resumed_after": start}
+                                            "granularity": program.state.granularity, "resumed_after": start,
+                                            "oscillation": oscillation([r["loss_after"] for r in records])}
         return PassResult(True, {"units": len(units), "resumed_after": start})
 
     @staticmethod

@@ -1,6 +1,7 @@
 """The training loop of one reconstruction unit.
 
-Rule: for ``recon.iters`` steps, draw a random mini-batch of rows; QDrop mixes the float and the
+Rule: for ``recon.iters`` steps, draw a random mini-batch of rows (its gradient accumulated over
+micro-batches of at most ``recon.micro_batch`` rows, each weighted by its share); QDrop mixes the float and the
 quantized stream element-wise (``where(u < p, fp, q)``) at the unit's inputs and, inside the unit,
 keeps each activation float with probability ``p``; the loss is the squared error summed over
 channels, averaged, against the float output, plus ``recon.reg_weight`` times the quantizers'
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -83,18 +85,12 @@ def train_unit(recon: ReconConfig, seed: int, gm: fx.GraphModule, sub: fx.GraphM
         try:
             for it in bar:
                 idx = torch.randint(0, n, (min(recon.batch_size, n),), generator=gen)
-                xs = [qdrop_mix(take_rows(f, idx), take_rows(q, idx), p, masks) if f.is_floating_point()
-                      else take_rows(q, idx) for f, q in zip(fp_in, q_in, strict=True)]
                 for q in learners:
                     q.before_step(it)
-                out = sub(*xs)[0]
-                loss = rec_loss(out, take_rows(fp_out, idx))
-                regs = [r for r in (q.regularizer() for q in learners) if r is not None]
-                if regs:
-                    loss = loss + recon.reg_weight * sum(regs)
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
-                loss.backward()
+                shown = backward_batch(sub, fp_in, q_in, fp_out, idx, recon.micro_batch, p, masks,
+                                       lambda: _regularizer(learners, recon.reg_weight))
                 if opt is not None:
                     opt.step()
                 if sched is not None:
@@ -102,7 +98,7 @@ def train_unit(recon: ReconConfig, seed: int, gm: fx.GraphModule, sub: fx.GraphM
                 for q in learners:
                     q.after_step()
                 if it % 100 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4g}")
+                    bar.set_postfix(loss=f"{float(shown):.4g}")
                 if estimate_for and it == probe:
                     t_probe = time.perf_counter()
                 if estimate_for and it == 2 * probe:
@@ -121,6 +117,34 @@ def train_unit(recon: ReconConfig, seed: int, gm: fx.GraphModule, sub: fx.GraphM
     for q in learners:
         q.harden()
     return conv
+
+
+def backward_batch(sub: fx.GraphModule, fp_in: list[torch.Tensor], q_in: list[torch.Tensor], fp_out: torch.Tensor,
+                   idx: torch.Tensor, micro_batch: int, p: float, masks: MaskPool | None,
+                   reg: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+    """Backpropagate the mean loss over rows ``idx`` plus ``reg()``, ``micro_batch`` rows at a time
+    (each micro-batch's loss weighted by its share of the rows); returns the loss, detached.
+    ``reg`` is called after the last micro-batch's forward (a quantizer may compute its
+    regulariser in its forward)."""
+    parts = idx.split(micro_batch)
+    total = torch.zeros(())
+    for j, part in enumerate(parts):
+        xs = [qdrop_mix(take_rows(f, part), take_rows(q, part), p, masks) if f.is_floating_point()
+              else take_rows(q, part) for f, q in zip(fp_in, q_in, strict=True)]
+        loss = rec_loss(sub(*xs)[0], take_rows(fp_out, part))
+        if len(parts) > 1:
+            loss = loss * (len(part) / len(idx))
+        r = reg() if j == len(parts) - 1 else None
+        if r is not None:
+            loss = loss + r
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+def _regularizer(learners: list[Trainable], weight: float) -> torch.Tensor | None:
+    regs = [r for r in (q.regularizer() for q in learners) if r is not None]
+    return weight * sum(regs) if regs else None
 
 
 def duration(seconds: float) -> str:
