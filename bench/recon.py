@@ -1,4 +1,4 @@
-"""Reconstruction methods side by side: ORT top-1 of rtn, adaround, brecq and qdrop at equal iterations.
+"""Reconstruction methods side by side: ORT top-1 of rtn, adaround, brecq, qdrop (or any --methods) at equal iterations.
 
     python bench/recon.py [KEY=VALUE ...] [--model FILE.py] [--iters 2000] [--out FILE.md]
                           [--bits w4a4 ...] [--methods rtn qdrop ...]
@@ -16,10 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from qcompiler.methods import METHODS as ALL_METHODS
+
 from accuracy import evaluate_all
 from common import ROOT, compile_options, emit, quiet
 
-METHODS = ("rtn", "adaround", "brecq", "qdrop")
+METHODS = ("rtn", "adaround", "brecq", "qdrop")  # the default columns; --methods takes any registered one
 DEFAULT_BITS = {"resnet_cifar": ["w4a4", "w3a3", "w2a4", "w4a8", "w2a8"], "efficientnet_lite": ["w4a8", "w4a4"]}
 
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "models/resnet_cifar.py"))
     p.add_argument("--bits", nargs="+")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS))
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--out")
     p.add_argument("options", nargs="*", help="further compile options KEY=VALUE (e.g. batch_size=32)")

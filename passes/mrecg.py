@@ -151,7 +151,7 @@ def probe_losses(program: Program) -> list[float]:
         recon, iters=recon.probe_iters(), holdout=0, granularity="block"))
     probe = dataclasses.replace(program, gm=copy.deepcopy(program.gm), calib=calib, config=config, work_dir=None,
                                 report={}, state=dataclasses.replace(program.state), units=list(program.units))
-    log.info("mrecg-loss probe: %d iterations per block on %d samples", config.recon.iters,
+    log.info("mrecg-loss probe: %d iterations per block on %d samples (its per-block log follows)", config.recon.iters,
              sum(batch_size(b) for b in calib))
     Reconstruct().run(probe)
     return [float(r["loss_after"]) for r in probe.report["reconstruction"]["units"]]

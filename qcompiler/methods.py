@@ -56,3 +56,10 @@ register(Method("brecq", "BRECQ: learned weight rounding block by block, float a
 register(Method("qdrop", "QDrop: BRECQ with LSQ activation steps, each activation dropped to float at 0.5",
                 RECONSTRUCTION, {"granularity": "block", "weight_quantizer": "adaround", "act_quantizer": "lsq",
                                  "qdrop": 0.5}))
+register(Method("flexround", "FlexRound: element-wise learned weight grid divisors, block by block, float activations "
+                "in the loop (the paper's BRECQ setting)", RECONSTRUCTION,
+                {"granularity": "block", "weight_quantizer": "flexround", "qdrop": 1.0, "w_lr": 4e-4}))
+register(Method("flexround-qdrop", "FlexRound in QDrop's setting: LSQ activation steps, activations dropped to float "
+                "at 0.5", RECONSTRUCTION,
+                {"granularity": "block", "weight_quantizer": "flexround", "act_quantizer": "lsq", "qdrop": 0.5,
+                 "w_lr": 4e-4}))

@@ -161,3 +161,11 @@ def test_granularity_mrecg_runs_reconstruction_end_to_end(tiny):
     r = qcompiler.compile(str(tiny), bits="w4a4", method="qdrop", iters=20, granularity="mrecg-modcap", mrecg_k=1)
     assert r.report["reconstruction"]["granularity"] == "mrecg-modcap"
     assert len(r.report["reconstruction"]["units"]) == len(r.report["partition"]["blocks"]) - 1
+
+
+def test_oscillation_is_the_upward_variation_of_the_log_loss():
+    from qcompiler.passes.reconstruct import oscillation
+
+    assert oscillation([1.0, 2.0, 4.0]) == pytest.approx(math.log(4.0), abs=1e-4)  # rising only: ln(last/first)
+    assert oscillation([1.0, 4.0, 1.0, 4.0]) == pytest.approx(2 * math.log(4.0), abs=1e-4)  # each rise counts
+    assert oscillation([4.0, 2.0, 1.0]) == 0.0

@@ -2,13 +2,15 @@
 
 from qcompiler.errors import ConfigError
 from qcompiler.quantizers.adaround import AdaRoundQuantizer
+from qcompiler.quantizers.flexround import FlexRoundQuantizer
 from qcompiler.quantizers.grid import QSpec, fake_quant
 from qcompiler.quantizers.lsq import LSQQuantizer
 from qcompiler.quantizers.uniform import UniformQuantizer
 
 #: Family name (the ``weight_quantizer`` / ``act_quantizer`` knobs) -> quantizer class. ``uniform``
 #: learns nothing; the others implement ``family.Trainable``.
-FAMILIES: dict[str, type] = {"uniform": UniformQuantizer, "adaround": AdaRoundQuantizer, "lsq": LSQQuantizer}
+FAMILIES: dict[str, type] = {"uniform": UniformQuantizer, "adaround": AdaRoundQuantizer,
+                             "flexround": FlexRoundQuantizer, "lsq": LSQQuantizer}
 
 
 def family(name: str) -> type:
