@@ -6,9 +6,10 @@
 
 Part 1: each granularity (layer, block, mrecg-modcap, mrecg-loss) compiled with QDrop at the same
 seed, bits and iterations; per run the units, ORT top-1 on the model's evaluation set (with its
-validation and test halves where the model has them), the oscillation of the per-unit loss curve
-(``passes/reconstruct``: total upward variation of ln loss), the reconstruction seconds and, for
-mrecg-loss, the probe's seconds. ``--plot`` draws every run's per-unit loss after reconstruction.
+validation and test halves where the model has them), the oscillation of the loss curve at the block
+outputs (``passes/reconstruct``: total upward variation of ln loss; the same points whatever the
+units), the reconstruction seconds and, for mrecg-loss, the probe's seconds. ``--plot`` draws every
+run's loss at the block outputs.
 
 Part 2 (``--random N``): N schemes that merge k random adjacent block pairs (pairwise, k as
 mrecg-modcap's, so every scheme has the same number of units), at ``--random-iters`` iterations,
@@ -49,7 +50,7 @@ def run(model: str, bits: str, merges: list[int] | None = None, **options) -> di
     m = load_model_file(model).evaluate(ob.runner(ob.session(r.onnx_bytes)))
     recon, part = r.report["reconstruction"], r.report.get("partition", {})
     return {"top1": m["top1"], "val": m.get("top1_val"), "test": m.get("top1_test"), "units": len(recon["units"]),
-            "losses": [u["loss_after"] for u in recon["units"]], "oscillation": recon["oscillation"],
+            "losses": recon["block_losses"], "oscillation": recon["oscillation"],
             "recon_s": recon["seconds"], "probe_s": part.get("probe", {}).get("seconds"), "compile_s": seconds,
             "merges": part.get("merges", []), "blocks": len(part.get("blocks", [])) or None,
             "k": part.get("k")}
@@ -89,8 +90,8 @@ def plot(rows: dict[str, dict], path: str) -> None:
     for g, r in rows.items():
         ax.plot(range(len(r["losses"])), r["losses"], "o-", label=f"{g} (oscillation {r['oscillation']:.2f})")
     ax.set_yscale("log")
-    ax.set_xlabel("unit")
-    ax.set_ylabel("loss after reconstruction")
+    ax.set_xlabel("block output")
+    ax.set_ylabel("loss after reconstruction (quantized vs float)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -86,60 +86,67 @@ class Partition(Pass):
 
     def run(self, program: Program) -> PassResult:
         gm = program.gm
-        order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and not is_param_side(n)]
         granularity = self.granularity or program.config.recon.granularity
-        blocks = granularity != "layer"  # block and the MRECG granularities, which merge blocks later
-        chain, branches = cuts(gm) if blocks else (self._layer_ends(gm), set())
-        ends = chain | branches
-        compute = [i for i, n in enumerate(order) if registry.kind(n, gm) in registry.COMPUTE_KINDS]
-        units: list[Unit] = []
-        span: list[fx.Node] = []
-        for i, n in enumerate(order):
-            span.append(n)
-            if n.name not in ends:
-                continue
-            inside = [m for m in span if registry.kind(m, gm) in registry.COMPUTE_KINDS]
-            if not inside:
-                continue
-            if blocks and n.name not in branches:
-                nxt = next((order[j] for j in compute if j > i), None)
-                if nxt is not None and _scope(nxt.meta["qc.layer"]) == _scope(inside[-1].meta["qc.layer"]):
-                    continue  # a cut inside one module's chain of layers: the block goes on
-            units.append(make_unit(gm, span, len(units)))
-            span = []
-        if span:  # trailing ops after the last cut (e.g. an unquantized head) join the last unit
-            if not units:
-                units.append(make_unit(gm, span, 0))
-            else:
-                last = units.pop()
-                units.append(make_unit(gm, [gm_node(gm, x) for x in last.nodes] + span, len(units)))
+        blocks = split(gm, blocks=True)
+        units = blocks if granularity != "layer" else split(gm, blocks=False)  # MRECG merges blocks later
         set_units(program, units)
         program.state.granularity = granularity
+        program.state.block_ends = [u.output for u in blocks]
         program.report["partition"] = {"granularity": granularity, "units": describe(units)}
         return PassResult(True, {"units": len(units), "granularity": granularity,
                                  "layers_per_unit": max(len(u.layers) for u in units)})
-
-    @staticmethod
-    def _layer_ends(gm: fx.GraphModule) -> set[str]:
-        """After each compute op, the first activation quantizer downstream of it."""
-        ends = set()
-        for n in gm.graph.nodes:
-            if registry.kind(n, gm) not in registry.COMPUTE_KINDS:
-                continue
-            v = n
-            while v.meta.get("qc.quantizer") != "act" and len(v.users) >= 1:
-                v = next(iter(v.users))
-                if v.op == "output":
-                    break
-            if v.meta.get("qc.quantizer") == "act":
-                ends.add(v.name)
-        return ends
 
     def ensures(self, program: Program) -> None:
         units = program.units
         covered = [x for u in units for x in u.nodes]
         if len(covered) != len(set(covered)):
             raise PostconditionError("partition produced overlapping units")
+
+
+def split(gm: fx.GraphModule, blocks: bool) -> list[Unit]:
+    """The units of the module docstring: blocks, or (``blocks=False``) layers."""
+    order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and not is_param_side(n)]
+    chain, branches = cuts(gm) if blocks else (_layer_ends(gm), set())
+    ends = chain | branches
+    compute = [i for i, n in enumerate(order) if registry.kind(n, gm) in registry.COMPUTE_KINDS]
+    units: list[Unit] = []
+    span: list[fx.Node] = []
+    for i, n in enumerate(order):
+        span.append(n)
+        if n.name not in ends:
+            continue
+        inside = [m for m in span if registry.kind(m, gm) in registry.COMPUTE_KINDS]
+        if not inside:
+            continue
+        if blocks and n.name not in branches:
+            nxt = next((order[j] for j in compute if j > i), None)
+            if nxt is not None and _scope(nxt.meta["qc.layer"]) == _scope(inside[-1].meta["qc.layer"]):
+                continue  # a cut inside one module's chain of layers: the block goes on
+        units.append(make_unit(gm, span, len(units)))
+        span = []
+    if span:  # trailing ops after the last cut (e.g. an unquantized head) join the last unit
+        if not units:
+            units.append(make_unit(gm, span, 0))
+        else:
+            last = units.pop()
+            units.append(make_unit(gm, [gm_node(gm, x) for x in last.nodes] + span, len(units)))
+    return units
+
+
+def _layer_ends(gm: fx.GraphModule) -> set[str]:
+    """After each compute op, the first activation quantizer downstream of it."""
+    ends = set()
+    for n in gm.graph.nodes:
+        if registry.kind(n, gm) not in registry.COMPUTE_KINDS:
+            continue
+        v = n
+        while v.meta.get("qc.quantizer") != "act" and len(v.users) >= 1:
+            v = next(iter(v.users))
+            if v.op == "output":
+                break
+        if v.meta.get("qc.quantizer") == "act":
+            ends.add(v.name)
+    return ends
 
 
 def make_unit(gm: fx.GraphModule, span: list[fx.Node], index: int) -> Unit:

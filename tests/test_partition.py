@@ -169,3 +169,31 @@ def test_oscillation_is_the_upward_variation_of_the_log_loss():
     assert oscillation([1.0, 2.0, 4.0]) == pytest.approx(math.log(4.0), abs=1e-4)  # rising only: ln(last/first)
     assert oscillation([1.0, 4.0, 1.0, 4.0]) == pytest.approx(2 * math.log(4.0), abs=1e-4)  # each rise counts
     assert oscillation([4.0, 2.0, 1.0]) == 0.0
+
+
+def test_cli_reports_the_partition_and_the_loss_curve(tiny, tmp_path):
+    import json
+
+    from qcompiler.cli import main
+
+    out, report = tmp_path / "m.onnx", tmp_path / "report"
+    code = main([str(tiny), "-o", str(out), "--bits", "w4a4", "--method", "qdrop", "--iters", "20",
+                 "--granularity", "mrecg-modcap", "--mrecg-k", "1", "--report", str(report), "-q"])
+    assert code == 0 and out.exists()
+    rep = json.loads((report / "report.json").read_text())
+    part = rep["partition"]
+    assert part["granularity"] == "mrecg-modcap" and part["k"] == 1 and len(part["merges"]) == 1
+    assert [u["layers"] for u in part["units"]] == [["c1", "c2", "fc"]]
+    assert isinstance(rep["reconstruction"]["oscillation"], float)
+    assert (report / "reconstruction_loss.png").stat().st_size > 0
+
+
+def test_block_losses_are_measured_at_the_same_points_whatever_the_units(tiny):
+    """Layer units and merged units report the loss at each block output; for block units it is
+    each unit's loss after training."""
+    runs = {g: qcompiler.compile(str(tiny), bits="w4a4", method="qdrop", iters=20, granularity=g, mrecg_k=1)
+            for g in ("layer", "block", "mrecg-modcap")}
+    assert [len(r.report["reconstruction"]["units"]) for r in runs.values()] == [3, 2, 1]
+    assert {len(r.report["reconstruction"]["block_losses"]) for r in runs.values()} == {2}
+    rec = runs["block"].report["reconstruction"]
+    assert rec["block_losses"] == pytest.approx([u["loss_after"] for u in rec["units"]], rel=1e-5)

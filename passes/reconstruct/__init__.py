@@ -18,12 +18,13 @@ Rule, per unit in graph order (units come from ``partition``):
    warns that its schedule was too short for the regulariser to decide them.
 
 With ``holdout = N`` the last N calibration samples are left out of training and the hooks and only
-measured: each unit reports its loss on them before and after. The report gives the curve's
-oscillation (:func:`oscillation`), MRECG's symptom, to compare granularities. Images are held
-channels-last (convolutions keep that layout, elementwise ops follow it; oneDNN's depthwise
-convolutions run faster in it). With a work directory a checkpoint is written after every unit and a
-rerun resumes after the last finished one (``checkpoint``), reaching what an uninterrupted run
-reaches.
+measured: each unit reports its loss on them before and after. Whatever the units, the report gives
+the loss at every block's output (quantized stream against float, first ``LOSS_ROWS`` rows) and that
+curve's oscillation (:func:`oscillation`), MRECG's symptom, so granularities compare on the same
+points. Images are held channels-last (convolutions keep that layout, elementwise ops follow it;
+oneDNN's depthwise convolutions run faster in it). With a work directory a checkpoint is written
+after every unit and a rerun resumes after the last finished one (``checkpoint``), reaching what an
+uninterrupted run reaches.
 """
 
 from __future__ import annotations
@@ -44,13 +45,22 @@ from qcompiler.passes.reconstruct import checkpoint
 from qcompiler.passes.reconstruct.bias_correction import BiasCorrection, UnitHook
 from qcompiler.passes.reconstruct.cache import ActivationCache, keep_freed_memory
 from qcompiler.passes.reconstruct.trainer import duration, train_unit
-from qcompiler.passes.reconstruct.units import forward, needed_later, quantizers_of, swap, unit_loss, unit_module
+from qcompiler.passes.reconstruct.units import (
+    forward,
+    needed_later,
+    quantizers_of,
+    rec_loss,
+    swap,
+    unit_loss,
+    unit_module,
+)
 from qcompiler.quantizers import family
 from qcompiler.quantizers.family import Trainable
 
 log = logging.getLogger("qcompiler.reconstruct")
 
 UNDECIDED_WARN = 0.05  # warn when a unit ends with more of its roundings undecided than this
+LOSS_ROWS = 256  # the block losses are measured on the first rows of the calibration set
 
 
 def oscillation(losses: list[float]) -> float:
@@ -58,7 +68,7 @@ def oscillation(losses: list[float]) -> float:
     max(0, ln L_{i+1} - ln L_i). A curve that only rises scores ln(L_last / L_first); every
     dip-and-rise adds its rise again."""
     logs = [math.log(max(x, 1e-30)) for x in losses]
-    return round(sum(max(0.0, b - a) for a, b in itertools.pairwise(logs)), 4)
+    return round(sum((max(0.0, b - a) for a, b in itertools.pairwise(logs)), 0.0), 4)
 
 
 class Reconstruct(Pass):
@@ -122,12 +132,14 @@ class Reconstruct(Pass):
             self._harden_done(program, start)
             log.info("resuming reconstruction after unit %d of %d from %s", start, len(units), ckpt_path)
         hooks: list[UnitHook] = [BiasCorrection()] if recon.bias_correct else []
+        ends, block_loss = set(program.state.block_ends), {}
         needed = needed_later(units)
         keep_freed_memory()
         t_all = time.perf_counter()
         for i, unit in enumerate(units):
             extra = [x for x in needed[i] if x != unit.output]
-            sub = unit_module(gm, unit, extra)
+            inner = [x for x in unit.nodes if x in ends and x != unit.output and x not in extra]
+            sub = unit_module(gm, unit, extra + inner)
             fp_in = [cache["fp:" + x] for x in unit.inputs]
             q_in = [cache["q:" + x] for x in unit.inputs]
             with torch.no_grad():
@@ -161,9 +173,13 @@ class Reconstruct(Pass):
                 name = key.split(":", 1)[1]
                 if not any(name in units[j].inputs for j in range(i + 1, len(units))):
                     cache.drop(key)
-            for name, f, q in zip([unit.output, *extra], fp_out, q_out, strict=True):
-                cache.put("fp:" + name, f)
-                cache.put("q:" + name, q)
+            outs = [unit.output, *extra, *inner]
+            for name, f, q in zip(outs, fp_out, q_out, strict=True):
+                if name in ends:
+                    block_loss[name] = float(rec_loss(q[:LOSS_ROWS], f[:LOSS_ROWS]))
+                if name not in inner:
+                    cache.put("fp:" + name, f)
+                    cache.put("q:" + name, q)
             del fp_out, q_out
         for n in program.quantizer_nodes("act"):
             gm.get_submodule(str(n.target)).scale.requires_grad_(False)
@@ -172,7 +188,9 @@ class Reconstruct(Pass):
                                             "iters": recon.iters, "qdrop": p, "w_lr": recon.weight_lr(),
                                             "a_lr": recon.act_lr(), "bias_correct": recon.bias_correct,
                                             "granularity": program.state.granularity, "resumed_after": start,
-                                            "oscillation": oscillation([r["loss_after"] for r in records])}
+                                            "block_losses": [block_loss[x] for x in program.state.block_ends
+                                                             if x in block_loss]}
+        program.report["reconstruction"]["oscillation"] = oscillation(program.report["reconstruction"]["block_losses"])
         return PassResult(True, {"units": len(units), "resumed_after": start})
 
     @staticmethod

@@ -98,7 +98,8 @@ class ProgramState:
 
     - ``quantized_layers``: the compute layers ``insert_quantizers`` quantized, in graph order;
     - ``calibrated``: every quantizer has its range (``calibrate``);
-    - ``granularity``: how ``partition`` cut the units;
+    - ``granularity``: how ``partition`` cut the units; ``block_ends``: the output of every block (the
+      points where granularities are compared, whatever the units);
     - ``activations_learned``: reconstruction learned the activation quantizers (else they are
       calibrated again after it).
     """
@@ -106,6 +107,7 @@ class ProgramState:
     quantized_layers: list[str] = field(default_factory=list)
     calibrated: bool = False
     granularity: str | None = None
+    block_ends: list[str] = field(default_factory=list)
     activations_learned: bool = False
 
 
