@@ -1,8 +1,8 @@
 """Reconstruction granularities side by side, and where MRECG's merges fall among random ones.
 
-    python bench/granularity.py [--model FILE.py] [--bits w2a4] [--iters 2000] [--granularities ...]
-                                [--random N] [--random-iters 200] [--out FILE.md] [--plot FILE.png]
-                                [KEY=VALUE ...]
+    python bench/granularity.py [KEY=VALUE ...] [--model FILE.py] [--bits w2a4] [--iters 2000]
+                                [--granularities ...] [--random N] [--random-iters 200] [--out FILE.md]
+                                [--plot FILE.png]
 
 Part 1: each granularity (layer, block, mrecg-modcap, mrecg-loss) compiled with QDrop at the same
 seed, bits and iterations; per run the units, ORT top-1 on the model's evaluation set (with its
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the random schemes")
     p.add_argument("--out")
     p.add_argument("--plot")
-    p.add_argument("options", nargs="*", help="further compile options KEY=VALUE")
+    p.add_argument("options", nargs="*", help="further compile options KEY=VALUE (before --granularities)")
     args = p.parse_args(argv)
     quiet()
     stem = Path(args.model).stem

@@ -64,7 +64,7 @@ LOSS_ROWS = 256  # the block losses are measured on the first rows of the calibr
 
 
 def oscillation(losses: list[float]) -> float:
-    """The loss curve's total upward variation: the sum over consecutive units of
+    """A loss curve's total upward variation: the sum over consecutive points of
     max(0, ln L_{i+1} - ln L_i). A curve that only rises scores ln(L_last / L_first); every
     dip-and-rise adds its rise again."""
     logs = [math.log(max(x, 1e-30)) for x in losses]
@@ -184,13 +184,12 @@ class Reconstruct(Pass):
         for n in program.quantizer_nodes("act"):
             gm.get_submodule(str(n.target)).scale.requires_grad_(False)
         self._warn_undecided(records, recon.iters)
+        curve = [block_loss[x] for x in program.state.block_ends if x in block_loss]
         program.report["reconstruction"] = {"units": records, "seconds": round(time.perf_counter() - t_all, 2),
                                             "iters": recon.iters, "qdrop": p, "w_lr": recon.weight_lr(),
                                             "a_lr": recon.act_lr(), "bias_correct": recon.bias_correct,
                                             "granularity": program.state.granularity, "resumed_after": start,
-                                            "block_losses": [block_loss[x] for x in program.state.block_ends
-                                                             if x in block_loss]}
-        program.report["reconstruction"]["oscillation"] = oscillation(program.report["reconstruction"]["block_losses"])
+                                            "block_losses": curve, "oscillation": oscillation(curve)}
         return PassResult(True, {"units": len(units), "resumed_after": start})
 
     @staticmethod

@@ -1,15 +1,15 @@
 """The training loop of one reconstruction unit.
 
 Rule: for ``recon.iters`` steps, draw a random mini-batch of rows (its gradient accumulated over
-micro-batches of at most ``recon.micro_batch`` rows, each weighted by its share); QDrop mixes the float and the
-quantized stream element-wise (``where(u < p, fp, q)``) at the unit's inputs and, inside the unit,
-keeps each activation float with probability ``p``; the loss is the squared error summed over
-channels, averaged, against the float output, plus ``recon.reg_weight`` times the quantizers'
-regularisers. The quantizers are learned through the family protocol
-(``qcompiler.quantizers.family.Trainable``): one Adam optimizer with a parameter group per
-learning rate, groups marked ``decay`` on a cosine to 0. Afterwards every trainable quantizer is
-hardened. The unit's RNG is seeded from (seed, unit index), so a resumed run reaches what an
-uninterrupted one does.
+micro-batches of at most ``recon.micro_batch`` rows, each weighted by its share); QDrop mixes the
+float and the quantized stream element-wise (``where(u < p, fp, q)``) at the unit's inputs and,
+inside the unit, keeps each activation float with probability ``p``; the loss is the squared error
+summed over channels, averaged, against the float output, plus ``recon.reg_weight`` times the
+quantizers' regularisers. The quantizers are learned through the family protocol
+(``qcompiler.quantizers.family.Trainable``): one Adam optimizer with a parameter group per learning
+rate, groups marked ``decay`` on a cosine to 0. Afterwards every trainable quantizer is hardened.
+The unit's RNG is seeded from (seed, unit index), so a resumed run reaches what an uninterrupted one
+does.
 """
 
 from __future__ import annotations
