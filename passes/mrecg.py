@@ -120,10 +120,9 @@ class Mrecg(Pass):
             metric = [modcap(program.gm, u, recon.mrecg_alpha) for u in blocks]
             pairs = rank_pairs(metric, k, chain=False)
         else:
-            metric = probe_losses(program)
+            metric, samples = probe_losses(program)
             pairs = rank_pairs(metric, k, chain=True)
-            section["probe"] = {"iters": recon.probe_iters(), "samples": min(recon.mrecg_probe_samples,
-                                                                             sum(batch_size(b) for b in program.calib)),
+            section["probe"] = {"iters": recon.probe_iters(), "samples": samples,
                                 "seconds": round(time.perf_counter() - t0, 2)}
         units = merge_units(program.gm, blocks, groups_of(pairs, len(blocks)))
         set_units(program, units)
@@ -137,21 +136,22 @@ class Mrecg(Pass):
         return PassResult(True, {"blocks": len(blocks), "merges": len(pairs), "units": len(units)})
 
 
-def probe_losses(program: Program) -> list[float]:
-    """Each block's loss after the probe reconstruction (module docstring), run on copies: the
-    program's graph and quantizers are left as they were."""
+def probe_losses(program: Program) -> tuple[list[float], int]:
+    """Each block's loss after the probe reconstruction (module docstring), run on copies (the
+    program's graph and quantizers are left as they were), and the samples it ran on."""
     from qcompiler.passes.reconstruct import Reconstruct
 
     recon = program.config.recon
     calib = program.calib
     total = sum(batch_size(b) for b in calib)
-    if recon.mrecg_probe_samples < total:
-        calib, _ = split_holdout(calib, total - recon.mrecg_probe_samples)
+    samples = min(recon.mrecg_probe_samples, total)
+    if samples < total:
+        calib, _ = split_holdout(calib, total - samples)
     config = dataclasses.replace(program.config, recon=dataclasses.replace(
         recon, iters=recon.probe_iters(), holdout=0, granularity="block"))
     probe = dataclasses.replace(program, gm=copy.deepcopy(program.gm), calib=calib, config=config, work_dir=None,
                                 report={}, state=dataclasses.replace(program.state), units=list(program.units))
     log.info("mrecg-loss probe: %d iterations per block on %d samples (its per-block log follows)", config.recon.iters,
-             sum(batch_size(b) for b in calib))
+             samples)
     Reconstruct().run(probe)
-    return [float(r["loss_after"]) for r in probe.report["reconstruction"]["units"]]
+    return [float(r["loss_after"]) for r in probe.report["reconstruction"]["units"]], samples

@@ -61,7 +61,7 @@ def test_flexround_hardened_lowers_to_the_integers_its_forward_dequantizes():
     fr = FlexRoundQuantizer.from_quantizer(q, w)
     fr.begin_training(ReconConfig(iters=10))
     with torch.no_grad():
-        for p in (fr.log_s1, fr.log_s2, fr.log_s3, fr.log_s4):
+        for p in (fr.log_r1, fr.log_s2, fr.log_s3, fr.log_s4):
             p.add_(torch.randn_like(p) * 0.1)
     soft = fr(w).detach()
     fr.harden()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcompiler.quantizers.family import ParamGroup, Trainable
+from qcompiler.quantizers.family import ParamGroup, Trainable, on_weight_grid
 from qcompiler.quantizers.grid import QSpec, bcast, split_zero_point
 from qcompiler.quantizers.uniform import UniformQuantizer
 
@@ -125,16 +125,7 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
     @classmethod
     def from_quantizer(cls, q: UniformQuantizer, w: torch.Tensor | None = None) -> AdaRoundQuantizer:
         """An AdaRound quantizer on ``q``'s grid whose hardened rounding of ``w`` is round-to-nearest."""
-        if w is None:
-            raise ValueError("AdaRound learns the rounding of a weight: it quantizes weights only")
-        channels = q.scale.numel() if q.spec.axis is not None else None
-        new = cls(q.spec, channels, tuple(w.shape))
-        with torch.no_grad():
-            new.scale.data = q.scale.detach().clone()
-            new.grid_scale.data = q.scale.detach().clone()
-            new.zero_point.data = q.zero_point.detach().clone()
-        new.mode = q.mode
-        new.to(q.scale.device)
+        new = on_weight_grid(cls, q, w, "AdaRound learns the rounding of a weight")
         new.init_alpha(w)
         return new
 

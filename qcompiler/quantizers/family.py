@@ -27,6 +27,21 @@ class ParamGroup:
     decay: bool = False
 
 
+def on_weight_grid(cls: type, q: nn.Module, w: torch.Tensor | None, family: str) -> nn.Module:
+    """A ``cls`` quantizer for weight ``w`` on the calibrated ``q``'s grid: spec, step (also kept as
+    the fixed ``grid_scale`` the family places its grid with), zero point and mode copied."""
+    if w is None:
+        raise ValueError(f"{family}: it quantizes weights only")
+    channels = q.scale.numel() if q.spec.axis is not None else None
+    new = cls(q.spec, channels, tuple(w.shape))
+    with torch.no_grad():
+        new.scale.data = q.scale.detach().clone()
+        new.grid_scale.data = q.scale.detach().clone()
+        new.zero_point.data = q.zero_point.detach().clone()
+    new.mode = q.mode
+    return new.to(q.scale.device)
+
+
 class Trainable:
     """Mixin of the quantizer families reconstruction learns (see the module docstring)."""
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qcompiler.quantizers.family import ParamGroup, Trainable
+from qcompiler.quantizers.family import ParamGroup, Trainable, on_weight_grid
 from qcompiler.quantizers.grid import QSpec, bcast
 from qcompiler.quantizers.uniform import UniformQuantizer
 
@@ -31,7 +31,7 @@ class FlexRoundQuantizer(UniformQuantizer, Trainable):
     def __init__(self, spec: QSpec, channels: int | None = None, weight_shape: tuple[int, ...] = (1,)) -> None:
         super().__init__(spec, channels)
         out_shape = (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
-        self.log_s1 = nn.Parameter(torch.zeros_like(self.scale.data), requires_grad=False)  # r1: s1 = s * exp(r1)
+        self.log_r1 = nn.Parameter(torch.zeros_like(self.scale.data), requires_grad=False)  # s1 = s * exp(r1)
         self.register_buffer("grid_scale", torch.ones_like(self.scale.data))  # s, the calibrated step
         self.log_s2 = nn.Parameter(torch.zeros(weight_shape), requires_grad=False)
         self.log_s3 = nn.Parameter(torch.zeros(out_shape), requires_grad=False)
@@ -45,19 +45,10 @@ class FlexRoundQuantizer(UniformQuantizer, Trainable):
     @classmethod
     def from_quantizer(cls, q: UniformQuantizer, w: torch.Tensor | None = None) -> FlexRoundQuantizer:
         """A FlexRound quantizer on ``q``'s grid that starts at round-to-nearest."""
-        if w is None:
-            raise ValueError("FlexRound learns a weight's grid: it quantizes weights only")
-        channels = q.scale.numel() if q.spec.axis is not None else None
-        new = cls(q.spec, channels, tuple(w.shape))
-        with torch.no_grad():
-            new.scale.data = q.scale.detach().clone()
-            new.grid_scale.data = q.scale.detach().clone()
-            new.zero_point.data = q.zero_point.detach().clone()
-        new.mode = q.mode
-        return new.to(q.scale.device)
+        return on_weight_grid(cls, q, w, "FlexRound learns a weight's grid")
 
     def _s1(self) -> torch.Tensor:
-        return self.grid_scale * self.log_s1.exp()
+        return self.grid_scale * self.log_r1.exp()
 
     def _divisor(self) -> torch.Tensor:
         d = self.log_s2 + self.log_s3
@@ -89,7 +80,7 @@ class FlexRoundQuantizer(UniformQuantizer, Trainable):
     # -- the trainer's protocol (family.Trainable)
 
     def _learned(self) -> list[nn.Parameter]:
-        return [p for p in (self.log_s1, self.log_s2, self.log_s3, self.log_s4) if p is not None]
+        return [p for p in (self.log_r1, self.log_s2, self.log_s3, self.log_s4) if p is not None]
 
     def begin_training(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
         """s1, S2, s3 (and s4) at ``recon.weight_lr()``, constant."""
