@@ -103,6 +103,21 @@ class QdqActivation(nn.Module):
         return torch.ops.qc.qdq(x, self.scale, self.zero_point, self.lo, self.hi)
 
 
+class FloatFakeQuant(nn.Module):
+    """Deployed activation quantizer of a float-simulation target: ``(clip(round(x / s) + z, lo, hi) - z) * s``
+    in float operations (Div, Round, Add, Clip, Sub, Mul), which no runtime fuses into integer kernels."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int, signed: bool) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone().float().reshape(()))
+        self.register_buffer("zero_point", zero_point.detach().clone().float().reshape(()))
+        self.lo, self.hi = float(lo), float(hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, self.lo, self.hi)
+        return (q - self.zero_point) * self.scale
+
+
 class QdqConstant(nn.Module):
     """Deployed constant: stored integers and their scale/zero point, dequantized at run time."""
 
@@ -148,15 +163,38 @@ def _to_constant(gm: fx.GraphModule, qnode: fx.Node, const: nn.Module) -> None:
         _delete_attr(gm, str(attr.target))
 
 
-def build_deploy_graph(program: Program) -> tuple[fx.GraphModule, dict]:
-    """A copy of the fake-quant graph with quantizers replaced by their integer (QDQ) form."""
+class FloatConstant(nn.Module):
+    """Deployed constant in float: a parameter's fake-quantized values."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", value.detach().clone().float())
+
+    def forward(self) -> torch.Tensor:
+        return self.value
+
+
+def build_deploy_graph(program: Program, float_ops: bool = False) -> tuple[fx.GraphModule, dict]:
+    """A copy of the fake-quant graph with quantizers replaced by their integer (QDQ) form; with
+    ``float_ops``, by float operations computing the same values instead: parameters become float
+    constants holding their fake-quantized values, activation quantizers ``FloatFakeQuant``."""
     gm = copy.deepcopy(program.gm)
     stats = {"int_weights": 0, "int_biases": 0, "activations": 0, "folded_clamps": 0, "clipped": 0}
+    if float_ops:
+        stats["float_params"] = 0
     # Biases first: their quantizers read the (still float) weight quantizers' scales.
     for which in ("bias", "weight"):
         for node in [n for n in gm.graph.nodes if n.meta.get("qc.quantizer") == which]:
             q = gm.get_submodule(node.target)
             value = registry.get_tensor(gm, str(node.args[0].target)).detach().float()
+            if float_ops:
+                with torch.no_grad():
+                    _to_constant(gm, node, FloatConstant(q(value)))
+                stats["float_params"] += 1
+                continue
+            if not getattr(q, "integer_form", True):
+                raise LoweringError(f"{node.name}: {type(q).__name__} has no integer form; deploy it with a target "
+                                    "that simulates quantizers in float (--target onnx-fp)")
             if which == "bias":
                 ints, s = q.int_repr(value)
                 const = QdqConstant(ints, s, torch.zeros_like(s), 0)
@@ -170,6 +208,15 @@ def build_deploy_graph(program: Program) -> tuple[fx.GraphModule, dict]:
         aq = _quantizer(gm, node, "act")
         if aq is None:
             continue
+        if not aq.integer_form:  # non-uniform levels: only their own float operations compute them
+            if not float_ops:
+                raise LoweringError(f"{node.name}: {type(aq).__name__} has no integer form; deploy it with a "
+                                    "target that simulates quantizers in float (--target onnx-fp)")
+            name = f"{node.target}_float"
+            gm.add_submodule(name, aq.float_module())
+            node.target = name
+            stats["activations"] += 1
+            continue
         src, lo, hi, clamps = integer_bounds(gm, node, aq)
         node.args = (src,) + tuple(node.args[1:])
         for clamp in clamps:  # outermost first: each is the only user of the next
@@ -178,7 +225,7 @@ def build_deploy_graph(program: Program) -> tuple[fx.GraphModule, dict]:
         if lo > hi:
             raise LoweringError(f"activation quantizer {node.name}: its clamp leaves an empty integer range")
         stats["clipped"] += int((lo, hi) not in ((0, 255), (-128, 127)))
-        new = QdqActivation(aq.scale, aq.zero_point, lo, hi, aq.spec.signed)
+        new = (FloatFakeQuant if float_ops else QdqActivation)(aq.scale, aq.zero_point, lo, hi, aq.spec.signed)
         name = f"{node.target}_qdq"
         gm.add_submodule(name, new)
         node.target = name
@@ -245,8 +292,10 @@ class LowerOnnxQdq(Pass):
         if not program.state.calibrated:
             raise PreconditionError("lower_onnx_qdq needs calibrated quantizers: run calibrate first")
 
+    float_ops = False  # LowerOnnxFp: quantizers as float operations computing the fake-quant values
+
     def run(self, program: Program) -> PassResult:
-        deploy, stats = build_deploy_graph(program)
+        deploy, stats = build_deploy_graph(program, self.float_ops)
         try:
             data = export_onnx(deploy, program.example_inputs, TRANSLATIONS)
         except Exception as exc:  # noqa: BLE001 - name what broke the export
@@ -259,8 +308,10 @@ class LowerOnnxQdq(Pass):
     def ensures(self, program: Program) -> None:
         model = onnx.load_from_string(program.lowered.onnx_bytes)
         types = {n.op_type for n in model.graph.node}
-        if program.state.quantized_layers and "DequantizeLinear" not in types:
-            raise LoweringError("the exported model has no DequantizeLinear: quantization was lost in export")
+        markers = {"Round", "Gather"} if self.float_ops else {"DequantizeLinear"}
+        if program.state.quantized_layers and not markers & types:
+            raise LoweringError(f"the exported model has no {' or '.join(sorted(markers))}: quantization was lost "
+                                "in export")
 
 
 class OnnxInt8Target:

@@ -95,6 +95,8 @@ class Calibrate(Pass):
     def ensures(self, program: Program) -> None:
         for node in [*program.quantizer_nodes("act"), *program.quantizer_nodes("weight")]:
             q = program.gm.get_submodule(node.target)
+            if not hasattr(q, "scale"):  # a family without a step (binary-coded weights)
+                continue
             if not torch.isfinite(q.scale).all() or (q.scale <= 0).any():
                 raise PostconditionError(f"quantizer {node.name} got a non-positive or non-finite step size")
 

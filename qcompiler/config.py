@@ -226,7 +226,8 @@ class CompileConfig:
     """The resolved configuration of one compile: method, target and the three stage configs."""
 
     method: str = knob("rtn", "rtn (round to nearest) or a reconstruction method; see qcompiler.methods")
-    target: str = knob("onnx-int8", "deployment target")
+    target: str = knob("onnx-int8", "deployment target: onnx-int8 (ONNX QDQ run by ONNX Runtime's integer "
+                                     "kernels) or onnx-fp (the same quantization simulated in float ops)")
     quant: QuantConfig = field(default_factory=QuantConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
     target_options: TargetOptions = field(default_factory=TargetOptions)

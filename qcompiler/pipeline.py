@@ -26,9 +26,10 @@ log = logging.getLogger("qcompiler.pipeline")
 
 def targets() -> dict[str, type]:
     """The deployment targets by name (the face is the one floor that knows the backends)."""
+    from qcompiler.backends.onnx_fp import OnnxFpTarget
     from qcompiler.backends.onnx_qdq import OnnxInt8Target
 
-    return {OnnxInt8Target.name: OnnxInt8Target}
+    return {OnnxInt8Target.name: OnnxInt8Target, OnnxFpTarget.name: OnnxFpTarget}
 
 
 def get_target(config: CompileConfig) -> Target:
@@ -57,8 +58,11 @@ def default_passes(config: CompileConfig, target: Target) -> list[Pass]:
     unknown = [n for n in method.passes if n not in table]
     if unknown:
         raise ConfigError(f"method {method.name!r} names unknown pass(es) {unknown}; known: {', '.join(table)}")
-    family(config.recon.weight_quantizer)
-    family(config.recon.act_quantizer)
+    for kind, name in (("weight", config.recon.weight_quantizer), ("activation", config.recon.act_quantizer)):
+        if not getattr(family(name), "integer_form", True) and not target.placement().float_quantizers:
+            raise ConfigError(f"target {target.name} runs integer kernels and {name} {kind} quantizers have no "
+                              f"integer form; choose a target that simulates them in float (--target onnx-fp)"
+                              + (" or --method mrbiq-uniform, which lowers to integers" if name == "mrbiq" else ""))
     return [table[n]() for n in method.passes] + list(target.lowering_passes())
 
 

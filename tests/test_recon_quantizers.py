@@ -154,9 +154,7 @@ def test_adaround_fused_soft_weight_and_regulariser_match_composition(grid: str)
             reg = ada.reg
         else:
             floor, zi = ada._grid(w)
-            s = ada.scale[:, None, None, None]
-            z = ada.zero_point[:, None, None, None]
-            out = ada._value(torch.clamp(floor + zi + rectified_sigmoid(ada.alpha), q.qmin, q.qmax), s, z)
+            out = ada.level_values(torch.clamp(floor + zi + rectified_sigmoid(ada.alpha), q.qmin, q.qmax), w)
             reg = ada.penalty(7.0)
         ((out * upstream).sum() + 0.3 * reg).backward()
         results.append((out.detach(), reg.detach(), ada.alpha.grad.clone(), ada.scale.grad.clone()))

@@ -16,7 +16,8 @@ Tensors no compute op reads (add operands, graph outputs) multiply nothing: they
 placement's activation width (``act_storage_bits``), unless ``a_bits_all``; graph outputs at 8 bits
 while ``first_last_8bit``. The first and last compute layers take 8 bits unless
 ``first_last_8bit`` is off; per-layer overrides win over both. A bias goes on the accumulator grid
-``s_in * s_w`` where both its layer's input and weight are quantized.
+``s_in * s_w`` where both its layer's input and weight are quantized and the target accumulates in
+integers (``Placement.bias_on_accumulator``).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def annotate_by_placement(gm: fx.GraphModule, quant: QuantConfig, place: Placeme
         for note in notes:
             ann.notes.setdefault(note, []).append(node.meta["qc.layer"])
         b = a.get("bias")
-        if isinstance(b, fx.Node) and b.op == "get_attr" and isinstance(a["input"], fx.Node) \
-                and a["input"].name in ann.acts:
+        if place.bias_on_accumulator and isinstance(b, fx.Node) and b.op == "get_attr" \
+                and isinstance(a["input"], fx.Node) and a["input"].name in ann.acts:
             ann.biases.append(node.name)
     return ann

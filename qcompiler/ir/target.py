@@ -31,6 +31,10 @@ class Placement:
       differently.
     - ``weight_zero_point_zero``: the integer kernels take only zero weight zero points (ONNX
       Runtime's QLinearConv with per-channel weights); asymmetric weights are then stored centered.
+    - ``bias_on_accumulator``: compute ops add their bias on an int32 accumulator, so biases are
+      quantized to its grid (False: the compute runs in float and the bias stays float).
+    - ``float_quantizers``: the target runs quantizers as float operations, so quantizer families
+      without an integer form (``integer_form = False``) are deployable.
     """
 
     compute_inputs: bool = True
@@ -43,6 +47,8 @@ class Placement:
     max_weight_bits: int = 8
     max_weight_bits_depthwise: int = 8
     weight_zero_point_zero: bool = True
+    bias_on_accumulator: bool = True
+    float_quantizers: bool = False
 
 
 @runtime_checkable

@@ -164,10 +164,6 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
         g = bcast(self.grid_scale, w, self.spec.axis)
         return torch.floor(w / g - 0.5) if self.spec.midrise else torch.floor(w / g + o), zi
 
-    def _value(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The weight value of grid integer ``q``: ``(q - z) * s``, or ``(q + 1/2) * s`` when midrise."""
-        return (q + 0.5) * s if self.spec.midrise else (q - z) * s
-
     def _hard_int(self, w: torch.Tensor) -> torch.Tensor:
         """``clamp(floor(w / s + o) + [alpha >= 0] + zi, qmin, qmax)``: the learned integers."""
         floor, zi = self._grid(w)
@@ -179,7 +175,7 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
             return super().forward(w)
         if self.soft:
             # The weight, its grid and the zero point do not change while the rounding is learned:
-            # floor once. ``_value``'s ``(q - z) * s`` or ``(q + 1/2) * s`` is ``(q + offset) * s``.
+            # floor once. ``level_values``' ``(q - z) * s`` or ``(q + 1/2) * s`` is ``(q + offset) * s``.
             if self._base is None or self._base[0].shape != w.shape:
                 floor, zi = self._grid(w)
                 offset = 0.5 if self.spec.midrise else -bcast(self.zero_point, w, self.spec.axis).detach()
@@ -189,9 +185,7 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
             out, self.reg = _SoftRound.apply(self.alpha, base, s, offset, float(self.qmin), float(self.qmax),
                                              self.reg_beta)
             return out
-        s = bcast(self.scale, w, self.spec.axis)
-        z = bcast(self.zero_point, w, self.spec.axis)
-        return self._value(self._hard_int(w), s, z)
+        return self.level_values(self._hard_int(w), w)
 
     def penalty(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(alpha) - 1| ** beta)``: 0 when every h is 0 or 1, ``numel`` when all are 0.5."""
@@ -249,10 +243,7 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
         and ``(2q + 1) * (s / 2)`` is ``(q + 1/2) * s`` exactly; centered: ``q - z`` at ``s``).
         """
         w = x.detach().to(self.scale.dtype)
-        q = self._hard_int(w)
-        if self.spec.centered:
-            return (q - bcast(self.zero_point, w, self.spec.axis)) * bcast(self.store_factor(), w, self.spec.axis)
-        return 2.0 * q + 1.0 if self.spec.midrise else q
+        return self.level_store(self._hard_int(w), w)
 
 
 class BetaSchedule:

@@ -14,12 +14,10 @@ from qcompiler.quantizers import ranges
 from qcompiler.quantizers.grid import (
     QSpec,
     bcast,
-    centered_levels,
     centered_quant,
     fake_quant,
     midrise_quant,
     params_from_range,
-    quantize_int,
     split_zero_point,
 )
 from qcompiler.quantizers.qdrop import MaskSource, keep_mask, qdrop_mix
@@ -32,6 +30,8 @@ class UniformQuantizer(nn.Module):
     ``"off"`` passes values through. ``scale`` is a Parameter (frozen until a method trains it);
     ``zero_point`` is a buffer holding integers.
     """
+
+    integer_form = True  # its values are a uniform grid's: integer targets store them
 
     def __init__(self, spec: QSpec, channels: int | None = None) -> None:
         super().__init__()
@@ -135,13 +135,35 @@ class UniformQuantizer(nn.Module):
         Within [qmin, qmax]; for a midrise grid the odd integers ``2q + 1``; for a centered grid
         ``k - z``, doubled in channels whose zero point is a half-integer.
         """
+        return self.level_store(self.grid_ints(x), x)
+
+    def grid_ints(self, x: torch.Tensor) -> torch.Tensor:
+        """The grid integers ``q`` in ``[qmin, qmax]`` that round ``x`` to nearest: ``floor(x / s)`` on a
+        midrise grid, else ``round(x / s + o) + zi`` for the zero point ``z = zi + o``."""
+        s = bcast(self.scale, x, self.spec.axis)
         if self.spec.midrise:
-            s = bcast(self.scale, x, self.spec.axis)
-            return 2.0 * torch.clamp(torch.floor(x / s), self.qmin, self.qmax) + 1.0
+            return torch.clamp(torch.floor(x / s), self.qmin, self.qmax)
+        zi, o = split_zero_point(bcast(self.zero_point, x, self.spec.axis))
+        return torch.clamp(torch.round(x / s + o) + zi, self.qmin, self.qmax)
+
+    def level_values(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The values of grid integers ``q`` (shaped as ``x``): ``(q + 1/2) s`` midrise, else ``(q - z) s``.
+        Differentiable in ``q`` and in the step."""
+        s = bcast(self.scale, x, self.spec.axis)
+        if self.spec.midrise:
+            return (q + 0.5) * s
+        return (q - bcast(self.zero_point, x, self.spec.axis)) * s
+
+    def level_store(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The integers stored for grid integers ``q``, read with ``stored_scale()``: ``2q + 1``
+        midrise, ``(q - z)`` times ``store_factor()`` centered, ``q`` otherwise; so that
+        ``level_store(q) * stored_scale() - stored_zero_point()`` is ``level_values(q)`` exactly."""
+        if self.spec.midrise:
+            return 2.0 * q + 1.0
         if self.spec.centered:
-            return centered_levels(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis) \
-                * bcast(self.store_factor(), x, self.spec.axis)
-        return quantize_int(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.axis)
+            axis = self.spec.axis
+            return (q - bcast(self.zero_point, x, axis)) * bcast(self.store_factor(), x, axis)
+        return q
 
     def store_factor(self) -> torch.Tensor:
         """Per channel, how many stored steps one grid step is: 2 for midrise grids and half-integer zero points."""
