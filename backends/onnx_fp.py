@@ -1,7 +1,7 @@
 """onnx-fp: quantization simulated in float in ONNX Runtime, for quantizers no integer kernel runs.
 
-Rule: the same quantizer placement and grids as onnx-int8 (so a model compiles to the same
-fake-quant graph), but compute ops run in float: every weight becomes a float constant holding its
+Rule: the quantizer placement and grids of onnx-int8 (8-bit weights everywhere: no integer kernel
+saturates here), but compute ops run in float: every weight becomes a float constant holding its
 fake-quantized values (for binary-coded Mr.BiQ weights, the decoded ``sum_i alpha_i b_i``), biases
 stay float, and activation quantizers are float arithmetic (Div, Round, Clip, Mul: ``FloatFakeQuant``).
 Not QuantizeLinear/DequantizeLinear pairs: ONNX Runtime's optimiser fuses those around a Conv with
@@ -29,12 +29,14 @@ class LowerOnnxFp(LowerOnnxQdq):
 
 
 class OnnxFpTarget(OnnxInt8Target):
-    """Float simulation of the onnx-int8 quantization (module docstring)."""
+    """Float simulation of the onnx-int8 quantization (module docstring). Weights-only bits (``wN``)
+    compile here: activations then stay float."""
 
     name = "onnx-fp"
 
     def placement(self) -> Placement:
-        return dataclasses.replace(super().placement(), bias_on_accumulator=False, float_quantizers=True)
+        return dataclasses.replace(super().placement(), bias_on_accumulator=False, float_quantizers=True,
+                                   max_weight_bits=8)
 
     def lowering_passes(self) -> list[Pass]:
         from qcompiler.backends.ort import VerifyOrt

@@ -23,9 +23,10 @@ import torch
 from common import ROOT, compile_options, emit, quiet
 
 
-def evaluate_all(model_file: str, bits: str, **options) -> dict:
+def evaluate_all(model_file: str, bits: str, keep_result: bool = False, **options) -> dict:
     """One compile, evaluated as float, fake-quant (ORT's integer arithmetic), fake-quant with float
-    requantization, and in ORT; agreements are ORT's top-1 against each fake-quant version."""
+    requantization, and in ORT; agreements are ORT's top-1 against each fake-quant version. With
+    ``keep_result`` the row also holds the ``CompileResult`` (key ``result``)."""
     import qcompiler
     from qcompiler.api import load_model_file
     from qcompiler.backends import ort as ob
@@ -58,7 +59,8 @@ def evaluate_all(model_file: str, bits: str, **options) -> dict:
             "fake_quant": m_fq["top1"], "ort": m_ort["top1"], "n": m_ort["n"], "dataset": m_ort.get("dataset"),
             "ort_val": m_ort.get("top1_val"), "ort_test": m_ort.get("top1_test"),
             "agreement": agreement("fake_quant"), "float_requant_agreement": agreement("float_requant"),
-            "compile_s": compile_s, "int_kernels": sum(r.checks["integer_kernels"]["integer_kernels"].values())}
+            "compile_s": compile_s, "int_kernels": sum(r.checks["integer_kernels"]["integer_kernels"].values()),
+            **({"result": r} if keep_result else {})}
 
 
 def markdown(rows: list[dict]) -> str:

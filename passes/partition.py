@@ -1,10 +1,12 @@
 """partition: cut the quantized graph into reconstruction units.
 
 Rule: a *cut* is a node every path from the model inputs to the model output passes through (it
-dominates the output in the DAG, found with networkx) and that is an activation quantizer or
-starts a branch (two or more users). Residual adds and branch joins are therefore never cut
-inside: a residual block (or a transformer's attention or feed-forward sublayer, whose normalised
-output the next residual reads again) lies between two cuts.
+dominates the output in the DAG, found with networkx) and that is a requantization point (an
+activation quantizer; in a weights-only graph, which has none, a compute op's or a join's output
+after the clamp-like activations only it feeds) or starts a branch (two or more users). Residual
+adds and branch joins are therefore never cut inside: a residual block (or a transformer's
+attention or feed-forward sublayer, whose normalised output the next residual reads again) lies
+between two cuts.
 
 - ``block``: a unit is the span between two consecutive cuts that contains a compute op
   (spans without one join the following unit). A chain of layers that all dominate the output (a
@@ -12,7 +14,7 @@ output the next residual reads again) lies between two cuts.
   every layer; there the module hierarchy decides: the unit only ends at a quantizer cut when the
   next compute op lives in another parent module (``_blocks.3._project_conv`` -> ``_blocks.3``).
   A cut where a branch starts always ends the unit.
-- ``layer``: every compute op is its own unit, ending at the next activation quantizer that
+- ``layer``: every compute op is its own unit, ending at the next requantization point that
   follows it (the output the integer kernel requantizes).
 
 Each unit records its nodes (in graph order), its output node and the outside values it reads;
@@ -51,7 +53,7 @@ def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
 
 def cuts(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
     """The nodes every path from the inputs to the output passes through (dominators of the output),
-    as ``(quantizers, branches)``: the activation quantizers among them, and those where a branch
+    as ``(quantizers, branches)``: the requantization points among them, and those where a branch
     starts (two or more users: the value a residual or a join reads again later)."""
     g = dataflow_graph(gm)
     source = "__qc_source__"
@@ -64,8 +66,22 @@ def cuts(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
     while v != source:
         dominators.add(v)
         v = idom[v]
-    quantizers = {n.name for n in gm.graph.nodes if n.name in dominators and n.meta.get("qc.quantizer") == "act"}
-    return quantizers, {v for v in dominators if v != out and g.out_degree(v) > 1}
+    return requant_points(gm) & dominators, {v for v in dominators if v != out and g.out_degree(v) > 1}
+
+
+def requant_points(gm: fx.GraphModule) -> set[str]:
+    """Where layer outputs are requantized: the activation quantizers, or in a weights-only graph
+    (none) each compute op's and join's output after the clamp-like activations that only it feeds."""
+    acts = {n.name for n in gm.graph.nodes if n.meta.get("qc.quantizer") == "act"}
+    if acts:
+        return acts
+    points = set()
+    for n in gm.graph.nodes:
+        if registry.kind(n, gm) in registry.COMPUTE_KINDS | registry.JOIN_KINDS:
+            while len(n.users) == 1 and registry.kind(next(iter(n.users)), gm) in registry.CLAMP_KINDS:
+                n = next(iter(n.users))
+            points.add(n.name)
+    return points
 
 
 class Partition(Pass):
@@ -81,8 +97,8 @@ class Partition(Pass):
 
     def requires(self, program: Program) -> None:
         require_graph(program, self.name)
-        if not any(True for _ in program.quantizer_nodes("act")):
-            raise PreconditionError("partition needs activation quantizers: run insert_quantizers first")
+        if not any(True for _ in program.quantizer_nodes("weight")):
+            raise PreconditionError("partition needs quantizers: run insert_quantizers first")
 
     def run(self, program: Program) -> PassResult:
         gm = program.gm
@@ -134,17 +150,17 @@ def split(gm: fx.GraphModule, blocks: bool) -> list[Unit]:
 
 
 def _layer_ends(gm: fx.GraphModule) -> set[str]:
-    """After each compute op, the first activation quantizer downstream of it."""
-    ends = set()
+    """After each compute op, the first requantization point downstream of it."""
+    points, ends = requant_points(gm), set()
     for n in gm.graph.nodes:
         if registry.kind(n, gm) not in registry.COMPUTE_KINDS:
             continue
         v = n
-        while v.meta.get("qc.quantizer") != "act" and len(v.users) >= 1:
+        while v.name not in points and len(v.users) >= 1:
             v = next(iter(v.users))
             if v.op == "output":
                 break
-        if v.meta.get("qc.quantizer") == "act":
+        if v.name in points:
             ends.add(v.name)
     return ends
 

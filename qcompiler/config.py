@@ -32,7 +32,7 @@ GRANULARITIES = ("layer", "block", "mrecg-modcap", "mrecg-loss")
 #: iterations per unit; longer runs divide them by iters / LR_ITERS.
 W_LR, A_LR, LR_ITERS = 1e-2, 4e-5, 2000
 
-_BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
+_BITS_RE = re.compile(r"^w(\d+)(?:a(\d+))?$")
 
 
 def knob(default: Any, help: str, *, aliases: tuple[tuple[str, Any], ...] = (), metavar: str | None = None,
@@ -46,14 +46,16 @@ def knob(default: Any, help: str, *, aliases: tuple[tuple[str, Any], ...] = (), 
     return field(default=default, metadata=meta)
 
 
-def parse_bits(text: str) -> tuple[int, int]:
-    """Parse ``"w4a8"`` into ``(4, 8)``; both widths must lie in 2..8."""
+def parse_bits(text: str) -> tuple[int, int | None]:
+    """Parse ``"w4a8"`` into ``(4, 8)`` and ``"w2"`` (weights only, float activations) into
+    ``(2, None)``; widths must lie in 2..8."""
     m = _BITS_RE.match(str(text).strip().lower())
     if not m:
-        raise ConfigError(f"bits {text!r} is not of the form wNaM (for example w8a8, w4a4, w2a4)")
-    w, a = int(m.group(1)), int(m.group(2))
+        raise ConfigError(f"bits {text!r} is not of the form wNaM or wN (for example w8a8, w4a4, w2a4; w2 for "
+                          "2-bit weights and float activations)")
+    w, a = int(m.group(1)), (int(m.group(2)) if m.group(2) else None)
     for name, b in (("weight", w), ("activation", a)):
-        if not 2 <= b <= 8:
+        if b is not None and not 2 <= b <= 8:
             raise ConfigError(f"{name} bits {b} in {text!r} is outside 2..8; integer targets hold 2- to 8-bit values")
     return w, a
 
@@ -69,7 +71,8 @@ class QuantConfig:
     """What the quantizers are. ``overrides`` maps a layer-name glob (``layer1.*.conv1``) to a bits
     string: its weight width applies to the layer's weights, its activation width to the inputs."""
 
-    bits: str = knob("w8a8", "weight/activation bits, wNaM with N, M in 2..8")
+    bits: str = knob("w8a8", "weight/activation bits, wNaM with N, M in 2..8; wN: weights only, activations stay "
+                             "float (a float-simulation target)")
     per_channel: bool = knob(True, "one weight scale per output channel (--no-per-channel: one per tensor)",
                              aliases=(("--per-tensor", False),))
     w_symmetric: bool | None = knob(
@@ -106,16 +109,20 @@ class QuantConfig:
         return parse_bits(self.bits)[0]
 
     @property
-    def a_bits(self) -> int:
+    def a_bits(self) -> int | None:
+        """The activation width; None for weights-only bits (``wN``)."""
         return parse_bits(self.bits)[1]
 
-    def bits_for(self, layer: str, first_or_last: bool) -> tuple[int, int]:
-        """(weight bits, input-activation bits) for one layer: overrides win, then the 8-bit ends."""
+    def bits_for(self, layer: str, first_or_last: bool) -> tuple[int, int | None]:
+        """(weight bits, input-activation bits) for one layer: overrides win, then the 8-bit ends.
+        In a weights-only compile activations stay float whatever the override says."""
+        weights_only = self.a_bits is None
         for pattern, bits in self.overrides.items():
             if fnmatch.fnmatchcase(layer, pattern):
-                return parse_bits(bits)
+                w, a = parse_bits(bits)
+                return w, None if weights_only else a
         if first_or_last and self.first_last_8bit:
-            return 8, 8
+            return 8, None if weights_only else 8
         return self.w_bits, self.a_bits
 
 

@@ -65,9 +65,9 @@ register(Method("flexround-qdrop", "FlexRound in QDrop's setting: LSQ activation
                  "w_lr": 4e-4}))
 register(Method("mrbiq", "Mr.BiQ: binary-coded weights (sum of bits +-1 codes times per-channel scales), codes and "
                 "scales learned block by block; no integer form (deploy with --target onnx-fp)", RECONSTRUCTION,
-                {"granularity": "block", "weight_quantizer": "mrbiq", "qdrop": 1.0, "w_lr": 1e-3,
+                {"granularity": "block", "weight_quantizer": "mrbiq", "qdrop": 1.0, "w_lr": 1e-2,
                  "w_step_lr": 1e-3}))
 register(Method("mrbiq-uniform", "Mr.BiQ-Uniform: the binary codes of the calibrated uniform grid's integers and its "
                 "step learned block by block; lowers to integer kernels", RECONSTRUCTION,
-                {"granularity": "block", "weight_quantizer": "mrbiq-uniform", "qdrop": 1.0, "w_lr": 1e-3,
+                {"granularity": "block", "weight_quantizer": "mrbiq-uniform", "qdrop": 1.0, "w_lr": 1e-2,
                  "w_step_lr": 1e-3}))

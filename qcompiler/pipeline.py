@@ -58,6 +58,9 @@ def default_passes(config: CompileConfig, target: Target) -> list[Pass]:
     unknown = [n for n in method.passes if n not in table]
     if unknown:
         raise ConfigError(f"method {method.name!r} names unknown pass(es) {unknown}; known: {', '.join(table)}")
+    if config.quant.a_bits is None and not target.placement().float_quantizers:
+        raise ConfigError(f"target {target.name} runs integer kernels, which need quantized activations; weights-only "
+                          f"bits ({config.quant.bits}) compile for a target that computes in float (--target onnx-fp)")
     for kind, name in (("weight", config.recon.weight_quantizer), ("activation", config.recon.act_quantizer)):
         if not getattr(family(name), "integer_form", True) and not target.placement().float_quantizers:
             raise ConfigError(f"target {target.name} runs integer kernels and {name} {kind} quantizers have no "

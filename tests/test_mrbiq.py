@@ -136,6 +136,17 @@ def test_onnx_fp_deploys_free_mrbiq_in_float_and_ort_agrees(tiny, tmp_path):
         LowerOnnxQdq().run(r.program)
 
 
+def test_weights_only_bits_need_a_float_target_and_leave_activations_float(tiny, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, err = run_cli([str(tiny), "--bits", "w2", "-o", str(out)], capsys)
+    _assert_clean_failure(code, err, out, "weights-only", "--target onnx-fp")
+    r = qcompiler.compile(str(tiny), bits="w2", method="mrbiq", target="onnx-fp", iters=20, output=out)
+    assert not list(r.program.quantizer_nodes("act")) and len(list(r.program.quantizer_nodes("weight"))) == 3
+    assert r.checks["agreement"]["worst_error"] <= 1e-5  # float ops on both sides, same order
+    types = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert not types & {"Round", "QuantizeLinear", "DequantizeLinear", "Gather"}
+
+
 def test_mrbiq_uniform_lowers_to_integer_kernels_equal_to_fake_quant(tiny):
     r = qcompiler.compile(str(tiny), bits="w2a8", method="mrbiq-uniform", iters=30)
     assert r.report["config"]["weight_quantizer"] == "mrbiq-uniform"

@@ -65,10 +65,14 @@ def test_attention_model_gives_its_attention_and_feed_forward_sublayers():
                      ["ffn.0", "ffn.2"], ["classifier"]]
 
 
-def test_resnet20_gives_stem_nine_residual_blocks_and_head():
-    units = units_of(str(MODELS / "resnet_cifar.py"), bits="w4a4")
+@pytest.mark.parametrize("bits, target", [("w4a4", "onnx-int8"), ("w4", "onnx-fp")])
+def test_resnet20_gives_stem_nine_residual_blocks_and_head(bits, target):
+    # weights only (w4): no activation quantizer marks where a layer ends, the layer outputs do
+    units = units_of(str(MODELS / "resnet_cifar.py"), bits=bits, target=target)
     blocks = [[f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2"] for s in (1, 2, 3) for b in range(3)]
     assert units == [["conv1"], *blocks, ["linear"]]
+    layers = units_of(str(MODELS / "resnet_cifar.py"), bits=bits, target=target, granularity="layer")
+    assert layers == [[x] for u in units for x in u]
 
 
 def test_efficientnet_lite0_gives_one_unit_per_mbconv_block_plus_stem_and_head(efficientnet):

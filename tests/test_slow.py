@@ -69,3 +69,13 @@ def test_efficientnet_lite0_qdrop_2000_iterations(efficientnet, bits, within):
     row = accuracy.evaluate_all(str(MODELS / "efficientnet_lite.py"), bits, method="qdrop", iters=2000)
     assert row["float"] - row["ort"] <= within, row
     assert row["agreement"] >= 99.0, row
+
+
+def test_resnet20_mrbiq_2bit_weights_far_above_round_to_nearest():
+    """bench/results/methods_resnet20_2000.md: weights only at 2 bits, rtn 25.34, mrbiq 78.39 (onnx-fp)."""
+    import accuracy
+
+    rows = {m: accuracy.evaluate_all(str(MODELS / "resnet_cifar.py"), "w2", method=m, target="onnx-fp",
+                                     **({} if m == "rtn" else {"iters": 2000})) for m in ("rtn", "mrbiq")}
+    assert rows["mrbiq"]["ort"] >= rows["rtn"]["ort"] + 40.0, rows
+    assert rows["mrbiq"]["agreement"] >= 99.0, rows

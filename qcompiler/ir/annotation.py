@@ -88,7 +88,7 @@ def annotate_by_placement(gm: fx.GraphModule, quant: QuantConfig, place: Placeme
             n = user
         return n
 
-    for node in compute:
+    for node in compute if quant.a_bits is not None else []:  # weights only: activations stay float
         a = registry.args_of(node, gm)
         if place.compute_inputs:
             want(a["input"], layer_bits[node][1])
@@ -96,13 +96,13 @@ def annotate_by_placement(gm: fx.GraphModule, quant: QuantConfig, place: Placeme
                 want(a["other"], layer_bits[node][1])
         if place.compute_outputs:
             want(after_clamps(node))
-    for node in gm.graph.nodes:
+    for node in gm.graph.nodes if quant.a_bits is not None else []:
         if registry.kind(node, gm) in place.join_kinds:
             a = registry.args_of(node, gm)
             want(a["input"])
             want(a["other"])
             want(after_clamps(node))
-    if place.graph_outputs:
+    if place.graph_outputs and quant.a_bits is not None:
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
         for t in out_node.all_input_nodes:
             want(t)
