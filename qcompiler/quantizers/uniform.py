@@ -157,7 +157,7 @@ class UniformQuantizer(nn.Module):
     def level_store(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The integers stored for grid integers ``q``, read with ``stored_scale()``: ``2q + 1``
         midrise, ``(q - z)`` times ``store_factor()`` centered, ``q`` otherwise; so that
-        ``level_store(q) * stored_scale() - stored_zero_point()`` is ``level_values(q)`` exactly."""
+        ``(level_store(q) - stored_zero_point()) * stored_scale()`` is ``level_values(q)`` exactly."""
         if self.spec.midrise:
             return 2.0 * q + 1.0
         if self.spec.centered:
