@@ -83,15 +83,33 @@ def binary_code(w2d: torch.Tensor, k: int, rounds: int = INIT_ROUNDS) -> tuple[t
 
 
 class _Codes(Trainable):
-    """The code learning both forms share: ``codes`` (k, *weight shape) in [-1, 1]."""
+    """The learning both forms share: ``codes`` (k, *weight shape) in [-1, 1] at
+    ``recon.weight_lr()``, constant, and the form's scales (``_scales()``: Mr.BiQ's ``alpha``, the
+    uniform form's step) at ``recon.w_step_lr`` times their mean, cosine-decayed, kept positive."""
 
     codes: nn.Parameter
 
-    def _begin_codes(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
+    def _scales(self) -> tuple[nn.Parameter, float]:
+        """The scale parameter this form learns and the least value it may take."""
+        raise NotImplementedError
+
+    def _check_shape(self, w: torch.Tensor) -> None:
+        if w.shape != self.codes.shape[1:]:
+            raise ValueError(f"{type(self).__name__}: codes for a weight of shape {tuple(self.codes.shape[1:])}, "
+                             f"got {tuple(w.shape)}")
+
+    def begin_training(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
+        """Codes at ``recon.weight_lr()``, scales at ``recon.w_step_lr`` relative (none when 0)."""
         self.codes.requires_grad_(True)
         self._beta = BetaSchedule(recon.iters, warmup=0.2) if recon.iters else None
         self._reg_on = False
-        return [ParamGroup("mrbiq.codes", [self.codes], recon.weight_lr())]
+        groups = [ParamGroup("mrbiq.codes", [self.codes], recon.weight_lr())]
+        scale, _ = self._scales()
+        if recon.w_step_lr > 0:
+            scale.requires_grad_(True)
+            groups.append(ParamGroup(f"mrbiq.scales.{id(self)}", [scale],
+                                     recon.w_step_lr * float(scale.detach().abs().mean()), decay=True))
+        return groups
 
     def before_step(self, it: int) -> None:
         self._reg_beta, self._reg_on = self._beta(it) if self._beta is not None else (None, False)
@@ -104,6 +122,8 @@ class _Codes(Trainable):
     @torch.no_grad()
     def after_step(self) -> None:
         self.codes.clamp_(-1.0, 1.0)
+        scale, floor = self._scales()
+        scale.clamp_(min=floor)
 
     @torch.no_grad()
     def convergence(self) -> tuple[int, int]:
@@ -111,18 +131,12 @@ class _Codes(Trainable):
         return int((self.codes.abs() < UNDECIDED).sum()), self.codes.numel()
 
     @torch.no_grad()
-    def _harden_codes(self) -> None:
+    def harden(self) -> None:
+        """Codes to +-1; the learned scales stay."""
         self.codes.data = torch.where(self.codes >= 0, 1.0, -1.0).to(self.codes)
         self.codes.requires_grad_(False)
+        self._scales()[0].requires_grad_(False)
         self._reg_on = False
-
-
-def _step_group(key: str, p: nn.Parameter, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
-    """``p`` learned at ``recon.w_step_lr`` times its mean, cosine-decayed (none when that is 0)."""
-    if recon.w_step_lr <= 0:
-        return []
-    p.requires_grad_(True)
-    return [ParamGroup(key, [p], recon.w_step_lr * float(p.detach().abs().mean()), decay=True)]
 
 
 class MrBiQQuantizer(nn.Module, _Codes):
@@ -170,24 +184,11 @@ class MrBiQQuantizer(nn.Module, _Codes):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.mode != "quant":
             return w
-        if w.shape != self.codes.shape[1:]:
-            raise ValueError(f"Mr.BiQ codes are for a weight of shape {tuple(self.codes.shape[1:])}, got "
-                             f"{tuple(w.shape)}")
+        self._check_shape(w)
         return (self._alpha(w) * self.codes).sum(0)
 
-    def begin_training(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
-        """Codes at ``recon.weight_lr()``, scales at ``recon.w_step_lr`` relative (module docstring)."""
-        return self._begin_codes(recon) + _step_group(f"mrbiq.alpha.{id(self)}", self.alpha, recon)
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        super().after_step()
-        self.alpha.clamp_(min=1e-12)
-
-    def harden(self) -> None:
-        """Codes to +-1; the scales stay."""
-        self._harden_codes()
-        self.alpha.requires_grad_(False)
+    def _scales(self) -> tuple[nn.Parameter, float]:
+        return self.alpha, 1e-12
 
 
 class MrBiQUniformQuantizer(UniformQuantizer, _Codes):
@@ -217,9 +218,7 @@ class MrBiQUniformQuantizer(UniformQuantizer, _Codes):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.mode != "quant":
             return super().forward(w)
-        if w.shape != self.codes.shape[1:]:
-            raise ValueError(f"Mr.BiQ-Uniform codes are for a weight of shape {tuple(self.codes.shape[1:])}, got "
-                             f"{tuple(w.shape)}")
+        self._check_shape(w)
         return self.level_values(self._ints(), w)
 
     @torch.no_grad()
@@ -228,16 +227,5 @@ class MrBiQUniformQuantizer(UniformQuantizer, _Codes):
         q = self.qmin + (self.place.reshape((-1,) + (1,) * x.dim()) * (self.codes >= 0)).sum(0)
         return self.level_store(q.to(self.scale.dtype), x)
 
-    def begin_training(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
-        """Codes at ``recon.weight_lr()``; the step at ``recon.w_step_lr`` relative (module docstring)."""
-        return self._begin_codes(recon) + _step_group(f"mrbiq.step.{id(self)}", self.scale, recon)
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        super().after_step()
-        self.scale.clamp_(min=1e-8)
-
-    def harden(self) -> None:
-        """Codes to +-1; the learned step stays."""
-        self._harden_codes()
-        self.scale.requires_grad_(False)
+    def _scales(self) -> tuple[nn.Parameter, float]:
+        return self.scale, 1e-8
