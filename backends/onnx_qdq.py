@@ -13,8 +13,15 @@ Rule: the deployed graph computes exactly what the fake-quant graph computes.
   ``clamp(round(x / s) + z, max(lo, round(a / s) + z), min(hi, round(b / s) + z))`` because
   rounding is monotone. The conv then feeds QuantizeLinear directly and fuses into an integer kernel.
 
+- A linear layer whose output is not requantized (its consumer computes in float) becomes
+  ``MatMul(x, W^T) + b`` with ``W^T`` dequantized per column, batched over the rows' leading
+  dimensions when ``linear_forms`` had flattened them (on a leading unit dimension otherwise):
+  ONNX Runtime runs that as
+  ``MatMulIntegerToFloat`` (integer products, float output), while a ``Gemm`` without an output
+  QuantizeLinear (and a 2-D MatMul + Add, which it fuses into one) stays a float Gemm.
+
 The graph is exported with ``torch.onnx.export`` (dynamo), the ``qc::`` ops translated to ONNX
-by the table below; every other op keeps its standard translation.
+by ``qdq_modules.TRANSLATIONS``; every other op keeps its standard translation.
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ import math
 
 import onnx
 import torch
-from onnxscript import opset18 as op
 from torch import fx, nn
 
+from qcompiler.backends.qdq_modules import TRANSLATIONS, FloatConstant, FloatFakeQuant, QdqActivation, QdqConstant
 from qcompiler.config import QuantConfig, TargetOptions
 from qcompiler.errors import LoweringError, PreconditionError
 from qcompiler.ir import registry
@@ -42,95 +49,6 @@ from qcompiler.quantizers.uniform import UniformQuantizer
 log = logging.getLogger("qcompiler.onnx_qdq")
 
 OPSET = 18
-
-# ------------------------------------------------------------------ the qc:: ops and their ONNX form
-
-
-@torch.library.custom_op("qc::qdq", mutates_args=())
-def qdq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Per-tensor quantize (to zero_point's dtype), clamp to [lo, hi], dequantize."""
-    z = zero_point.to(torch.float32)
-    q = torch.clamp(torch.round(x / scale) + z, lo, hi)
-    return (q - z) * scale
-
-
-@qdq.register_fake
-def _(x, scale, zero_point, lo, hi):  # noqa: ANN001, ANN202
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("qc::dequantize", mutates_args=())
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
-    """Dequantize stored integers, per channel along ``axis`` when ``scale`` is a vector."""
-    shape = [1] * q.dim()
-    if scale.dim() == 1 and q.dim() > 0:
-        shape[axis] = -1
-    return (q.to(torch.float32) - zero_point.to(torch.float32).reshape(shape if scale.dim() else [])) * \
-        scale.reshape(shape if scale.dim() else [])
-
-
-@dequantize.register_fake
-def _(q, scale, zero_point, axis):  # noqa: ANN001, ANN202
-    return torch.empty(q.shape, dtype=torch.float32)
-
-
-def _qdq_onnx(x, scale, zero_point, lo: int, hi: int):  # noqa: ANN001, ANN202
-    q = op.QuantizeLinear(x, scale, zero_point)
-    if (lo, hi) not in ((0, 255), (-128, 127)):
-        q = op.Clip(q, op.CastLike(op.Constant(value_int=lo), zero_point),
-                    op.CastLike(op.Constant(value_int=hi), zero_point))
-    return op.DequantizeLinear(q, scale, zero_point)
-
-
-def _dequantize_onnx(q, scale, zero_point, axis: int):  # noqa: ANN001, ANN202
-    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
-
-
-TRANSLATIONS = {torch.ops.qc.qdq.default: _qdq_onnx, torch.ops.qc.dequantize.default: _dequantize_onnx}
-
-
-class QdqActivation(nn.Module):
-    """Deployed activation quantizer: Q -> Clip(lo, hi) -> DQ with a uint8/int8 zero point."""
-
-    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int, signed: bool) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.detach().clone().float().reshape(()))
-        self.register_buffer("zero_point", zero_point.detach().round().to(torch.int8 if signed else torch.uint8)
-                             .reshape(()))
-        self.lo, self.hi = int(lo), int(hi)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.qc.qdq(x, self.scale, self.zero_point, self.lo, self.hi)
-
-
-class FloatFakeQuant(nn.Module):
-    """Deployed activation quantizer of a float-simulation target: ``(clip(round(x / s) + z, lo, hi) - z) * s``
-    in float operations (Div, Round, Add, Clip, Sub, Mul), which no runtime fuses into integer kernels."""
-
-    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int, signed: bool) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.detach().clone().float().reshape(()))
-        self.register_buffer("zero_point", zero_point.detach().clone().float().reshape(()))
-        self.lo, self.hi = float(lo), float(hi)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, self.lo, self.hi)
-        return (q - self.zero_point) * self.scale
-
-
-class QdqConstant(nn.Module):
-    """Deployed constant: stored integers and their scale/zero point, dequantized at run time."""
-
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> None:
-        super().__init__()
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale.detach().clone().float())
-        self.register_buffer("zero_point", zero_point.detach().round().to(q.dtype))
-        self.axis = axis
-
-    def forward(self) -> torch.Tensor:
-        return torch.ops.qc.dequantize(self.q, self.scale, self.zero_point, self.axis)
-
 
 # ------------------------------------------------------------------ the lowering pass
 
@@ -161,17 +79,6 @@ def _to_constant(gm: fx.GraphModule, qnode: fx.Node, const: nn.Module) -> None:
     if not attr.users:
         gm.graph.erase_node(attr)
         _delete_attr(gm, str(attr.target))
-
-
-class FloatConstant(nn.Module):
-    """Deployed constant in float: a parameter's fake-quantized values."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("value", value.detach().clone().float())
-
-    def forward(self) -> torch.Tensor:
-        return self.value
 
 
 def build_deploy_graph(program: Program, float_ops: bool = False) -> tuple[fx.GraphModule, dict]:
@@ -230,11 +137,45 @@ def build_deploy_graph(program: Program, float_ops: bool = False) -> tuple[fx.Gr
         gm.add_submodule(name, new)
         node.target = name
         stats["activations"] += 1
+    if not float_ops:
+        stats["float_output_linears"] = sum(_as_matmul(gm, n) for n in list(gm.graph.nodes))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, stats
+
+
+def _as_matmul(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Rewrite an integer linear layer whose output is not requantized as ``matmul(x, W^T) + b``."""
+    if registry.kind(node, gm) != "linear" or any(u.meta.get("qc.quantizer") == "act" for u in node.users):
+        return False
+    a = registry.args_of(node, gm)
+    w, b = a["weight"], a.get("bias")
+    if not (isinstance(w, fx.Node) and w.op == "call_module" and isinstance(gm.get_submodule(w.target), QdqConstant)):
+        return False
+    x, result = a["input"], node
+    rows = isinstance(x, fx.Node) and x.target is torch.flatten and tuple(x.args[1:]) == (0, -2)
+    if rows and len(node.users) == 1 and next(iter(node.users)).target is torch.unflatten:
+        x, result = x.args[0], next(iter(node.users))  # a batched MatMul keeps the rows' shape
+    wq = gm.get_submodule(w.target)
+    name = f"{w.target}_t"
+    gm.add_submodule(name, QdqConstant(wq.q.t().contiguous(), wq.scale, wq.zero_point, 1))
+    flat = x is a["input"] and b is not None  # 2-D MatMul + Add: ORT would fuse them into a float Gemm
+    with gm.graph.inserting_before(node):
+        if flat:
+            x = gm.graph.call_function(torch.unsqueeze, (x, 0))
+        out = gm.graph.call_function(torch.matmul, (x, gm.graph.call_module(name, ())))
+        if flat:
+            out = gm.graph.call_function(torch.squeeze, (out, 0))
+        if b is not None:
+            out = gm.graph.call_function(torch.add, (out, b))
+    out.meta.update(node.meta)
+    result.replace_all_uses_with(out)
+    if result is not node:
+        gm.graph.erase_node(result)
+    gm.graph.erase_node(node)
+    return True
 
 
 def integer_bounds(gm: fx.GraphModule, node: fx.Node, q: UniformQuantizer
@@ -261,9 +202,11 @@ def _round_half_even(x: float) -> int:
     return int(torch.round(torch.tensor(x, dtype=torch.float32)).item()) if math.isfinite(x) else int(x)
 
 
-def export_onnx(module: nn.Module, example_inputs: tuple | dict, translations: dict | None = None) -> bytes:
-    """Export ``module`` to ONNX bytes with a dynamic batch dimension on every tensor input."""
-    args, kwargs, dyn = export_args(example_inputs)
+def export_onnx(module: nn.Module, example_inputs: tuple | dict, translations: dict | None = None,
+                dims: dict | None = None) -> bytes:
+    """Export ``module`` to ONNX bytes with a dynamic batch dimension on every tensor input (and the
+    dimensions ``dims`` names: see ``export_args``)."""
+    args, kwargs, dyn = export_args(example_inputs, module, dims)
     onnx_program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dyn,
                                      custom_translation_table=translations, opset_version=OPSET,
                                      optimize=True, verbose=False)
@@ -297,7 +240,7 @@ class LowerOnnxQdq(Pass):
     def run(self, program: Program) -> PassResult:
         deploy, stats = build_deploy_graph(program, self.float_ops)
         try:
-            data = export_onnx(deploy, program.example_inputs, TRANSLATIONS)
+            data = export_onnx(deploy, program.example_inputs, TRANSLATIONS, program.dynamic_dims)
         except Exception as exc:  # noqa: BLE001 - name what broke the export
             raise LoweringError(f"ONNX export of {program.source} failed: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
@@ -335,7 +278,7 @@ class OnnxInt8Target:
 
     def placement(self) -> Placement:
         return Placement(act_signed=False, weight_signed=True, max_weight_bits=7 if self.options.reduce_range else 8,
-                         max_weight_bits_depthwise=8)
+                         max_weight_bits_depthwise=8, float_output_kinds=frozenset({"linear", "matmul"}))
 
     def annotate(self, gm: fx.GraphModule, quant: QuantConfig) -> Annotations:
         """Integer-kernel placement (``annotate_by_placement``) with this target's weight grids."""

@@ -2,9 +2,10 @@
 
 Rules of the checks that end every compile (a failure is an error, not a warning):
 
-- Integer kernels: in the graph ONNX Runtime actually runs (optimised at ORT_ENABLE_ALL), no float
-  Conv/Gemm/MatMul may remain and there must be at least one integer kernel (QLinearConv,
-  ConvInteger, QLinearMatMul, MatMulInteger, QGemm, ...) per quantized compute layer.
+- Integer kernels: in the graph ONNX Runtime actually runs (optimised at ORT_ENABLE_ALL) there must
+  be at least one integer kernel (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger, QGemm, ...)
+  per compute layer planned as quantized, and no more float Conv/Gemm/MatMul than the layers the
+  plan keeps in float (``ProgramState.float_layers``, listed with their reasons in the report).
 - Agreement: on inputs calibration never saw (``program.verify``), ORT's outputs must match the
   fake-quant torch model: top-1 agreement >= ``min_agreement`` for classifier-shaped outputs, and
   every sample within a relative error of ``max_error`` (``TargetOptions``).
@@ -83,8 +84,10 @@ def optimized_op_counts(model: bytes) -> collections.Counter:
     return collections.Counter(n.op_type for n in opt.graph.node)
 
 
-def check_integer_kernels(model: bytes, expected_layers: int) -> dict[str, Any]:
-    """Check every quantized compute layer runs as an integer kernel; raise VerificationError if not.
+def check_integer_kernels(model: bytes, expected_layers: int, float_layers: dict[str, str] | None = None
+                          ) -> dict[str, Any]:
+    """Check every compute layer planned as quantized runs as an integer kernel (and only the
+    ``float_layers`` of the plan in float); raise VerificationError if not.
 
     The result also lists ``unmodelled``: quantized kernels ORT runs that the fake-quant model does not
     compute with ORT's arithmetic (:data:`~qcompiler.backends.ort_numerics.EMULATED`).
@@ -93,12 +96,15 @@ def check_integer_kernels(model: bytes, expected_layers: int) -> dict[str, Any]:
     floats = {k: v for k, v in counts.items() if k in FLOAT_COMPUTE}
     ints = {k: v for k, v in counts.items() if k in INT_COMPUTE}
     unmodelled = sorted(k for k in counts if (k in INT_COMPUTE or k.startswith("QLinear")) and k not in EMULATED)
-    result = {"integer_kernels": ints, "float_kernels": floats, "expected": expected_layers,
-              "unmodelled": unmodelled, "ok": not floats and sum(ints.values()) >= expected_layers}
+    planned = dict(float_layers or {})
+    result = {"integer_kernels": ints, "float_kernels": floats, "expected": expected_layers, "kept_float": planned,
+              "unmodelled": unmodelled,
+              "ok": sum(floats.values()) <= len(planned) and sum(ints.values()) >= expected_layers}
     if not result["ok"]:
         raise VerificationError(
             f"ONNX Runtime runs {sum(floats.values())} float compute op(s) {floats} and {sum(ints.values())} integer "
-            f"kernel(s) {ints} for {expected_layers} quantized layers: the QDQ pattern did not fuse")
+            f"kernel(s) {ints} for {expected_layers} layers planned as quantized and {len(planned)} kept float: a "
+            "planned QDQ pattern did not fuse into an integer kernel")
     return result
 
 
@@ -193,7 +199,7 @@ class VerifyOrt(Pass):
         cfg = self.options
         data = program.lowered.onnx_bytes
         if self.integer:
-            kernels = check_integer_kernels(data, len(program.state.quantized_layers))
+            kernels = check_integer_kernels(data, len(program.state.quantized_layers), program.state.float_layers)
             ref = program.lowered.integer_gm = integer_exact(program.gm)
         else:
             counts = optimized_op_counts(data)

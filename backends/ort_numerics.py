@@ -16,6 +16,13 @@ copy of the fake-quant graph whose requantizations are computed as ORT's CPU ker
 - an add of two quantized tensors followed by a quantizer (``QLinearAdd``, MLAS's AVX2 kernel):
   ``q = sat(round(fma(q_a, R_a, fma(q_b, R_b, F))))`` with ``R_a = s_a / s_y``,
   ``R_b = s_b / s_y``, ``F = z_y - fma(R_a, z_a, R_b z_b)``;
+- a linear or activation matmul on quantized inputs whose output stays float
+  (``MatMulIntegerToFloat``): ``float32(acc) * float32(s_x s_w)``, then the dequantized bias added;
+- a softmax between two uint8 activation quantizers (``QLinearSoftmax``): a 256-entry float32 table
+  ``T[i] = exp((i - 255 + b) s_x)``, ``b = max(0, ln(FLT_MAX / D) - 5) / s_x`` for rows of length D,
+  read at ``q_x - max(q_x) + 255``; the row's float32 sum taken in order; ``q = round(T * floor(1 /
+  s_y) / sum) + z_y``. Its output scale is ``1 / floor(1 / s_y)``, not ``s_y``: the fake-quant model
+  then computes that bias too;
 - everything else (the ops ORT runs in float between DequantizeLinear and QuantizeLinear: pad,
   mean, reshape) as the fake-quant graph computes it.
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +47,8 @@ log = logging.getLogger("qcompiler.ort_numerics")
 
 #: The ORT kernels whose arithmetic :func:`integer_exact` reproduces (MLAS, x86). Others (QLinearSoftmax,
 #: MatMulIntegerToFloat with a separate bias Add, QLinearConcat, ...) round in ways it does not model.
-EMULATED = frozenset({"QLinearConv", "NhwcQLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd"})
+EMULATED = frozenset({"QLinearConv", "NhwcQLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearSoftmax",
+                      "MatMulIntegerToFloat"})
 EXACT_FLOAT32 = 2**24  # integers up to this magnitude, and all partial sums below it, are exact in float32
 
 
@@ -74,29 +83,31 @@ def _steps(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.round(x / s)
 
 
-class QLinearKernel(_Requant):
-    """conv / linear / activation matmul with integer accumulation and MLAS requantization."""
+class IntegerProduct(nn.Module):
+    """The exact integer accumulator of a conv / linear / activation matmul on quantized inputs."""
 
-    def __init__(self, kind: str, call: dict, in_q: nn.Module, out_q: nn.Module, lo: int, hi: int,
-                 w_q: nn.Module | None = None, weight: torch.Tensor | None = None, b_q: nn.Module | None = None,
-                 bias: torch.Tensor | None = None, other_q: nn.Module | None = None) -> None:
-        super().__init__(out_q, lo, hi)
+    def __init__(self, kind: str, call: dict, in_q: nn.Module, w_q: nn.Module | None = None,
+                 weight: torch.Tensor | None = None, other_q: nn.Module | None = None) -> None:
+        super().__init__()
         self.kind, self.call = kind, call
-        s_x = _scale(in_q)
-        self.register_buffer("s_x", s_x)
+        self.register_buffer("s_x", _scale(in_q))
         self.register_buffer("s_other", None if other_q is None else _scale(other_q))
         if w_q is not None:
             w_int = w_q.int_repr(weight.detach().float())
-            s_w = w_q.stored_scale().detach().float()
             self.register_buffer("w_int", w_int)
+            self.register_buffer("s_w", w_q.stored_scale().detach().float())
             bound = float(max(abs(in_q.qmin - in_q.zero_point), abs(in_q.qmax - in_q.zero_point))) * \
                 float(w_int.abs().reshape(w_int.shape[0], -1).sum(1).max())
             self.dtype = torch.float32 if bound < EXACT_FLOAT32 else torch.float64
         else:
-            s_w = self.s_other
+            self.register_buffer("s_w", self.s_other)
             self.dtype = torch.float64
-        self.register_buffer("mult", (s_x * s_w) / self.s_y)  # float32, as ORT computes its output scales
-        self.register_buffer("b_int", None if b_q is None else b_q.int_repr(bias.detach().float())[0].double())
+
+    def channel_shape(self, acc: torch.Tensor) -> list[int]:
+        """The broadcast shape of a per-output-channel vector over ``acc``."""
+        shape = [1] * acc.dim()
+        shape[1 if self.kind == "conv" else -1] = -1
+        return shape
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         k = _steps(x, self.s_x).to(self.dtype)
@@ -107,15 +118,47 @@ class QLinearKernel(_Requant):
             acc = F.linear(k, self.w_int.to(self.dtype))
         else:
             acc = torch.matmul(k, _steps(other, self.s_other).to(self.dtype))
-        acc = acc.double()
-        channel_axis = 1 if self.kind == "conv" else -1
-        shape = [1] * acc.dim()
-        shape[channel_axis] = -1
+        return acc.double()
+
+
+class QLinearKernel(_Requant):
+    """conv / linear / activation matmul with integer accumulation and MLAS requantization."""
+
+    def __init__(self, kind: str, call: dict, in_q: nn.Module, out_q: nn.Module, lo: int, hi: int,
+                 w_q: nn.Module | None = None, weight: torch.Tensor | None = None, b_q: nn.Module | None = None,
+                 bias: torch.Tensor | None = None, other_q: nn.Module | None = None) -> None:
+        super().__init__(out_q, lo, hi)
+        self.product = IntegerProduct(kind, call, in_q, w_q, weight, other_q)
+        # float32, as ORT computes its output scales
+        self.register_buffer("mult", (self.product.s_x * self.product.s_w) / self.s_y)
+        self.register_buffer("b_int", None if b_q is None else b_q.int_repr(bias.detach().float())[0].double())
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        acc = self.product(x, other)
+        shape = self.product.channel_shape(acc)
         if self.b_int is not None:
             acc = acc + self.b_int.reshape(shape)
         mult = self.mult.reshape(shape) if self.mult.dim() else self.mult
         v = (acc.float() * mult).clamp(self.cmin - self.z_y, self.cmax - self.z_y)
         return self.finish(torch.round(v) + self.z_y)
+
+
+class IntegerToFloatKernel(nn.Module):
+    """MatMulIntegerToFloat: the exact accumulator times the float32 scale ``s_x * s_w``, plus the
+    dequantized float32 bias (a separate Add)."""
+
+    def __init__(self, kind: str, in_q: nn.Module, w_q: nn.Module | None = None, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, other_q: nn.Module | None = None) -> None:
+        super().__init__()
+        self.product = IntegerProduct(kind, {}, in_q, w_q, weight, other_q)
+        self.register_buffer("scale", self.product.s_x * self.product.s_w)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        acc = self.product(x, other)
+        shape = self.product.channel_shape(acc)
+        y = acc.float() * (self.scale.reshape(shape) if self.scale.dim() else self.scale)
+        return y if self.bias is None else y + self.bias.reshape(shape)
 
 
 class QLinearAddKernel(_Requant):
@@ -142,7 +185,43 @@ class QLinearAddKernel(_Requant):
         return self.finish(torch.round(_fma32(qa, self.r_a, _fma32(qb, self.r_b, self.fixed))))
 
 
+class QLinearSoftmaxKernel(_Requant):
+    """QLinearSoftmax (uint8) as ONNX Runtime's CPU kernel computes it (module docstring)."""
+
+    def __init__(self, in_q: nn.Module, out_q: nn.Module, lo: int, hi: int, dim: int) -> None:
+        super().__init__(out_q, lo, hi)
+        self.register_buffer("s_x", _scale(in_q))
+        self.z_x = int(round(float(in_q.zero_point)))
+        self.y_mult = float(torch.floor(torch.tensor(1.0, dtype=torch.float32) / self.s_y))
+        self.dim = dim
+
+    def table(self, length: int) -> torch.Tensor:
+        s_x = float(self.s_x)
+        shift = max(0.0, math.log(float(torch.finfo(torch.float32).max) / length) - 5.0) / s_x
+        i = torch.arange(256, dtype=torch.float64)
+        return torch.exp((i - 255 + shift) * s_x).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = (_steps(x, self.s_x) + self.z_x).movedim(self.dim, -1)
+        t = self.table(q.shape[-1])
+        v = t[(q - q.amax(-1, keepdim=True) + 255).long()]
+        total = torch.zeros_like(v[..., 0])
+        for j in range(v.shape[-1]):  # ORT sums each row in order, in float32
+            total = total + v[..., j]
+        y = torch.round((v * self.y_mult) / total.unsqueeze(-1)) + self.z_y
+        return self.finish(y.clamp(max=255)).movedim(-1, self.dim)
+
+
+def _softmax_dim(node: fx.Node, gm: fx.GraphModule) -> int:
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target)).dim
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+
+
 def _act_quantizer(gm: fx.GraphModule, node: object) -> nn.Module | None:
+    """The activation quantizer whose values ``node`` holds (through view ops, across which ORT moves
+    the DequantizeLinear), or None."""
+    node = registry.view_source(node, gm)
     if isinstance(node, fx.Node) and node.meta.get("qc.quantizer") == "act":
         # A quantizer already fused into a kernel keeps its module in the meta: it still defines the grid.
         return node.meta.get("qc.fused_quantizer") or gm.get_submodule(str(node.target))
@@ -153,9 +232,14 @@ def _kernel_for(gm: fx.GraphModule, src: fx.Node, out_q: nn.Module, lo: int, hi:
                 ) -> tuple[nn.Module, tuple] | None:
     """The integer kernel ORT fuses ``src`` and its output quantizer into, with its inputs; or None."""
     kind = registry.kind(src, gm)
-    if kind not in ("conv", "linear", "matmul", "add") or len(src.users) != 1:
+    if kind not in ("conv", "linear", "matmul", "add", "softmax") or len(src.users) != 1:
         return None
     a = registry.args_of(src, gm)
+    if kind == "softmax":
+        in_q = _act_quantizer(gm, a["input"])
+        if in_q is None or in_q.spec.signed or out_q.spec.signed or lo > hi:
+            return None
+        return QLinearSoftmaxKernel(in_q, out_q, lo, hi, _softmax_dim(src, gm)), (a["input"],)
     if kind == "add":
         qa, qb = _act_quantizer(gm, a["input"]), _act_quantizer(gm, a["other"])
         if qa is None or qb is None or a.get("alpha", 1) != 1:
@@ -185,19 +269,49 @@ def _kernel_for(gm: fx.GraphModule, src: fx.Node, out_q: nn.Module, lo: int, hi:
     return kernel, (a["input"],)
 
 
+def _float_output_kernel(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, tuple] | None:
+    """The MatMulIntegerToFloat kernel of a linear / matmul whose inputs are quantized and whose
+    output is read in float; or None."""
+    kind = registry.kind(node, gm)
+    if kind not in ("linear", "matmul") or any(u.meta.get("qc.quantizer") == "act" for u in node.users):
+        return None
+    a = registry.args_of(node, gm)
+    in_q = _act_quantizer(gm, a["input"])
+    if in_q is None:
+        return None
+    if kind == "matmul":
+        other_q = _act_quantizer(gm, a["other"])
+        return None if other_q is None else (IntegerToFloatKernel("matmul", in_q, other_q=other_q),
+                                             (a["input"], a["other"]))
+    w, b = a["weight"], a.get("bias")
+    if not (isinstance(w, fx.Node) and w.meta.get("qc.quantizer") == "weight"):
+        return None
+    bias = None
+    if isinstance(b, fx.Node) and b.meta.get("qc.quantizer") == "bias":
+        bias = gm.get_submodule(str(b.target))(registry.get_tensor(gm, str(b.args[0].target)))
+    elif isinstance(b, fx.Node) and b.op == "get_attr":
+        bias = registry.get_tensor(gm, str(b.target))
+    elif b is not None:
+        return None
+    weight = registry.get_tensor(gm, str(w.args[0].target))
+    return IntegerToFloatKernel("linear", in_q, gm.get_submodule(str(w.target)), weight, bias), (a["input"],)
+
+
 @torch.no_grad()
 def integer_exact(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of the fake-quant graph ``gm`` whose requantizations compute as ONNX Runtime's kernels.
 
-    Rule: every activation quantizer fed (through clamps it alone reads) by a conv, linear, matmul
-    or add whose inputs are quantized becomes one integer kernel module; the rest is unchanged.
+    Rule: every activation quantizer fed (through clamps it alone reads) by a conv, linear, matmul,
+    add or softmax whose inputs are quantized becomes one integer kernel module; a linear or matmul
+    on quantized inputs whose output is not requantized becomes ``IntegerToFloatKernel``; the rest
+    is unchanged.
     """
     gm = copy.deepcopy(gm)
     fused = 0
     for node in list(gm.graph.nodes):
-        out_q = _act_quantizer(gm, node)
-        if out_q is None:
+        if node.meta.get("qc.quantizer") != "act":
             continue
+        out_q = _act_quantizer(gm, node)
         src, lo, hi, _ = integer_bounds(gm, node, out_q)
         made = _kernel_for(gm, src, out_q, lo, hi) if isinstance(src, fx.Node) else None
         if made is None:
@@ -210,6 +324,19 @@ def integer_exact(gm: fx.GraphModule) -> fx.GraphModule:
         new.meta.update(node.meta)
         new.meta["qc.fused_quantizer"] = out_q
         node.replace_all_uses_with(new)
+        fused += 1
+    gm.graph.eliminate_dead_code()
+    for node in list(gm.graph.nodes):
+        made = _float_output_kernel(gm, node)
+        if made is None:
+            continue
+        kernel, inputs = made
+        name = f"qc_int_to_float_{node.name}"
+        gm.add_submodule(name, kernel)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, inputs)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
         fused += 1
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -42,7 +42,7 @@ class Calibrate(Pass):
         require_graph(program, self.name)
         if not any(True for _ in program.quantizer_nodes()):
             raise PreconditionError("calibrate needs quantizers: run insert_quantizers first")
-        check_calibration(program.calib, program.example_inputs)
+        check_calibration(program.calib, program.example_inputs, dims=program.dynamic_dims)
 
     def run(self, program: Program) -> PassResult:
         if not self.weights and program.state.activations_learned:

@@ -6,7 +6,8 @@ override matches a layer, then ask the target what to quantize (``program.target
 
 1. a weight quantizer between each annotated layer's weight and the op;
 2. an activation quantizer after each annotated tensor, read by all its users (a quantized tensor
-   is quantized once, as every user reads the DequantizeLinear output in the deployed graph);
+   is quantized once, as every user reads the DequantizeLinear output in the deployed graph), or
+   by the ones the annotation names (``Annotations.readers``: the others read the float value);
 3. a bias quantizer on each annotated layer's bias, on its kernel's accumulator grid
    (:class:`~qcompiler.quantizers.bias.BiasQuantizer`, the one place that rule lives).
 
@@ -54,13 +55,15 @@ class InsertQuantizers(Pass):
         if not compute:
             raise PreconditionError(f"{program.source}: the model has no conv, linear or matmul to quantize")
         matched = set()
-        for node in compute:
-            node.meta["qc.layer"] = name = registry.layer_name(node, gm)
-            matched |= {p for p in cfg.overrides if fnmatch.fnmatchcase(name, p)}
-        unmatched = set(cfg.overrides) - matched
+        patterns = [*cfg.overrides, *cfg.keep_float]
+        for node in gm.graph.nodes:
+            if registry.kind(node, gm) in registry.COMPUTE_KINDS | registry.TABLE_KINDS:
+                node.meta["qc.layer"] = name = registry.layer_name(node, gm)
+                matched |= {p for p in patterns if fnmatch.fnmatchcase(name, p)}
+        unmatched = set(patterns) - matched
         if unmatched:
             names = ", ".join(registry.layer_name(n, gm) for n in compute[:6])
-            raise ConfigError(f"override pattern(s) {sorted(unmatched)} match no layer; layers are named like {names}")
+            raise ConfigError(f"layer pattern(s) {sorted(unmatched)} match no layer; layers are named like {names}")
         ann = program.target.annotate(gm, cfg)
         nodes = {n.name: n for n in gm.graph.nodes}
 
@@ -82,7 +85,9 @@ class InsertQuantizers(Pass):
             gm.add_submodule(qname, UniformQuantizer(spec))
             with gm.graph.inserting_after(t):
                 qn = gm.graph.call_module(qname, (t,))
-            t.replace_all_uses_with(qn, delete_user_cb=lambda user, qn=qn: user is not qn)
+            readers = ann.readers.get(name)
+            t.replace_all_uses_with(qn, delete_user_cb=lambda user, qn=qn, readers=readers: user is not qn and (
+                readers is None or user.name in readers))
             qn.meta.update({"qc.quantizer": "act", "qc.qspec": spec, "qc.of": t.name})
             if "val" in t.meta:
                 qn.meta["val"] = t.meta["val"]
@@ -90,7 +95,7 @@ class InsertQuantizers(Pass):
         for name in ann.biases:
             node = nodes[name]
             a = registry.args_of(node, gm)
-            b_node, x_node, w_node = a["bias"], a["input"], a["weight"]
+            b_node, x_node, w_node = a["bias"], registry.view_source(a["input"], gm), a["weight"]
             bq = BiasQuantizer(gm.get_submodule(x_node.target), gm.get_submodule(w_node.target),
                                registry.get_tensor(gm, str(b_node.target)).shape[0])
             bname = _unique(gm, f"qc_b_{node.meta['qc.layer'].replace('.', '_')}")
@@ -101,7 +106,11 @@ class InsertQuantizers(Pass):
             registry.set_arg(node, gm, "bias", bn)
         gm.graph.lint()
         gm.recompile()
-        program.state.quantized_layers = [n.meta["qc.layer"] for n in compute]
+        program.state.quantized_layers = [n.meta["qc.layer"] for n in compute
+                                          if n.meta["qc.layer"] not in ann.kept_float]
+        program.state.float_layers = dict(ann.kept_float)
+        if ann.kept_float:
+            log.info("%d layer(s) kept in float: %s", len(ann.kept_float), ", ".join(list(ann.kept_float)[:5]))
         for note, layers in ann.notes.items():
             log.info("%d layer(s) %s: %s", len(layers), NOTES.get(note, note),
                      ", ".join(layers[:5]) + (" ..." if len(layers) > 5 else ""))
@@ -114,7 +123,8 @@ class InsertQuantizers(Pass):
     def ensures(self, program: Program) -> None:
         gm = program.gm
         for node in gm.graph.nodes:
-            if registry.kind(node, gm) in registry.WEIGHTED_KINDS:
+            if registry.kind(node, gm) in registry.WEIGHTED_KINDS and \
+                    node.meta.get("qc.layer") not in program.state.float_layers:
                 w = registry.args_of(node, gm)["weight"]
                 if not (isinstance(w, fx.Node) and w.meta.get("qc.quantizer") == "weight"):
                     raise PostconditionError(f"layer {node.meta.get('qc.layer', node.name)} has no weight quantizer")

@@ -94,7 +94,7 @@ class Trace(Pass):
                 reasons["symbolic_trace"] = f"{_first_line(exc)} at {_where(exc, program.source)}"
             log.info("symbolic_trace failed (%s); falling back to torch.export", reasons["symbolic_trace"])
         try:
-            gm = _export(model, inputs)
+            gm = _export(model, inputs, program.dynamic_dims)
             if not _outputs_match(gm, model, inputs):
                 raise RuntimeError("the exported graph does not reproduce the model's outputs")
             return self._done(program, gm, "torch.export", reasons.get("symbolic_trace"))
@@ -115,9 +115,10 @@ class Trace(Pass):
             raise PostconditionError("trace did not produce a GraphModule")
 
 
-def _export(model: nn.Module, inputs: tuple | dict) -> fx.GraphModule:
-    """torch.export with a dynamic leading (batch) dimension, as a plain GraphModule."""
-    args, kwargs, dyn = export_args(inputs)
+def _export(model: nn.Module, inputs: tuple | dict, dims: dict | None = None) -> fx.GraphModule:
+    """torch.export with a dynamic leading (batch) dimension and the ``dims`` asked for, as a plain
+    GraphModule."""
+    args, kwargs, dyn = export_args(inputs, model, dims)
     ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dyn)
     gm = ep.module()
     # Guard checks of the export (e.g. the example batch size) are not part of the model's computation.

@@ -155,6 +155,7 @@ def compile(  # noqa: A001 - the public name of the API
     calib: list | None = None,
     calib_path: str | None = None,
     verify_data: list | None = None,
+    dynamic_dims: dict | None = None,
     model_args: dict[str, Any] | None = None,
     evaluate: bool = False,
     report_dir: str | os.PathLike | None = None,
@@ -171,6 +172,8 @@ def compile(  # noqa: A001 - the public name of the API
     knobs too, and ``options`` win over it. Runs the method's passes (:mod:`qcompiler.methods`), the
     target's lowering and checks; writes ``output`` atomically; returns a :class:`CompileResult`.
     The checks run on inputs calibration never saw (see :func:`verification_split`).
+    ``dynamic_dims`` (or the model file's optional ``dynamic_dims()``) maps an input's position or
+    name to the dimensions that vary at run time (default: only the batch dimension, 0).
     ``stop_after`` ends the pipeline after the named pass (nothing is written then); an ``output``
     is written only when the target's checks ran and passed. ``report_dir`` receives report.json,
     summary.md and the resolved recipe.toml; reconstruction checkpoints go to ``work_dir``
@@ -201,6 +204,8 @@ def compile(  # noqa: A001 - the public name of the API
         net = _call_with(module.build, source, kwargs)
         if example_inputs is None:
             example_inputs = _call_with(module.example_inputs, source, kwargs)
+        if dynamic_dims is None and callable(getattr(module, "dynamic_dims", None)):
+            dynamic_dims = _call_with(module.dynamic_dims, source, kwargs)
         if calib is None:
             if calib_path is not None:
                 kwargs["calib"] = calib_path
@@ -210,7 +215,7 @@ def compile(  # noqa: A001 - the public name of the API
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     batches = _as_batches(calib)
-    check_calibration(batches, example_inputs)
+    check_calibration(batches, example_inputs, dims=dynamic_dims)
     if verify_data is None and module is not None and callable(getattr(module, "verification_data", None)):
         verify_data = _call_with(module.verification_data, source,
                                  {"verify_num": config.target_options.verify_samples, **kwargs})
@@ -218,9 +223,10 @@ def compile(  # noqa: A001 - the public name of the API
     else:
         where = "given by the caller (verify_data=)"
     batches, verify, where = verification_split(batches, verify_data, where, config.target_options.verify_samples)
-    check_calibration(verify, example_inputs, "verification")
+    check_calibration(verify, example_inputs, "verification", dynamic_dims)
     torch.manual_seed(config.quant.seed)
-    program = Program(model=net, example_inputs=example_inputs, calib=batches, config=config, target=tgt,
+    program = Program(model=net, example_inputs=example_inputs, calib=batches, dynamic_dims=dynamic_dims,
+                      config=config, target=tgt,
                       source=source, verify=verify, verify_source=where,
                       work_dir=None if work_dir is None else str(work_dir))
     program.report["config"] = config.flat()

@@ -40,7 +40,7 @@ def _add_knob(group, name: str, f) -> None:  # noqa: ANN001 - an argparse group,
     kw = {"dest": name, "default": None, "help": f"{f.metadata['help']} (default {shown})"}
     if tp is bool:
         group.add_argument(*spellings, action=argparse.BooleanOptionalAction, **kw)
-    elif tp is dict:
+    elif tp in (dict, list):
         group.add_argument(*spellings, action="append", metavar=f.metadata["metavar"], **kw)
     else:
         group.add_argument(*spellings, type=tp, metavar=f.metadata["metavar"], **kw)

@@ -41,8 +41,8 @@ def knob(default: Any, help: str, *, aliases: tuple[tuple[str, Any], ...] = (), 
     the knob to False, ``("--override", None)`` is another spelling of its own flag.
     ``result=False``: the knob cannot change the compiled model."""
     meta = {"help": help, "aliases": aliases, "metavar": metavar, "result": result}
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=type(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -89,10 +89,14 @@ class QuantConfig:
     percentile: float = knob(99.99, "percentile of --a-init percentile")
     overrides: dict[str, str] = knob({}, "per-layer bits for layers whose name matches the glob PATTERN (repeatable)",
                                      aliases=(("--override", None),), metavar="PATTERN=wNaM")
+    keep_float: list[str] = knob([], "keep the layers whose name matches the glob PATTERN in float: no quantizer on "
+                                     "their weights or inputs (repeatable)", metavar="PATTERN")
     seed: int = knob(0, "random seed")
 
     def __post_init__(self) -> None:
         parse_bits(self.bits)
+        if any(not p for p in self.keep_float):
+            raise ConfigError("--keep-float needs a layer-name pattern, as in encoder.layer.0.*")
         _choice("weight init", self.w_init, WEIGHT_INITS)
         _choice("activation init", self.a_init, ACT_INITS)
         if not 50.0 < self.percentile <= 100.0:
@@ -112,6 +116,10 @@ class QuantConfig:
     def a_bits(self) -> int | None:
         """The activation width; None for weights-only bits (``wN``)."""
         return parse_bits(self.bits)[1]
+
+    def kept_float(self, layer: str) -> bool:
+        """Whether ``layer`` matches a ``keep_float`` pattern."""
+        return any(fnmatch.fnmatchcase(layer, p) for p in self.keep_float)
 
     def bits_for(self, layer: str, first_or_last: bool) -> tuple[int, int | None]:
         """(weight bits, input-activation bits) for one layer: overrides win, then the 8-bit ends.
@@ -273,8 +281,8 @@ def knob_type(f: Any) -> tuple[type, bool]:
     owner = next(cls for cls in (CompileConfig, *STAGES.values()) if f in fields(cls))
     tp = typing.get_type_hints(owner)[f.name]
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is dict:
-        return dict, False
+    if typing.get_origin(tp) in (dict, list):
+        return typing.get_origin(tp), False
     if args and len(args) < len(typing.get_args(tp)):
         return args[0], True
     return tp, False
@@ -292,6 +300,8 @@ def _coerce(key: str, value: Any, f: Any, where: str) -> Any:
         return float(value)
     if tp is dict and isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
         return {str(k): v for k, v in value.items()}
+    if tp is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{where}: {key} = {value!r} is not a {tp.__name__}")

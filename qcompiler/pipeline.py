@@ -42,10 +42,21 @@ def get_target(config: CompileConfig) -> Target:
 
 def pass_table() -> dict[str, Callable[[], Pass]]:
     """The passes a method's recipe names, by name."""
-    from qcompiler.passes import Calibrate, FoldBatchNorm, InsertQuantizers, Mrecg, Partition, Reconstruct, Trace
+    from qcompiler.passes import (
+        Calibrate,
+        DecomposeAttention,
+        FoldBatchNorm,
+        InsertQuantizers,
+        LinearForms,
+        Mrecg,
+        Partition,
+        Reconstruct,
+        Trace,
+    )
 
-    return {"trace": Trace, "fold_bn": FoldBatchNorm, "insert_quantizers": InsertQuantizers, "calibrate": Calibrate,
-            "partition": Partition, "mrecg": Mrecg, "reconstruct": Reconstruct,
+    return {"trace": Trace, "decompose_attention": DecomposeAttention, "linear_forms": LinearForms,
+            "fold_bn": FoldBatchNorm, "insert_quantizers": InsertQuantizers,
+            "calibrate": Calibrate, "partition": Partition, "mrecg": Mrecg, "reconstruct": Reconstruct,
             "recalibrate": lambda: Calibrate(weights=False)}
 
 

@@ -51,6 +51,8 @@ def _value(v: Any) -> str:
         return repr(v)
     if isinstance(v, str):
         return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
     raise TypeError(f"no TOML form for {type(v).__name__}")
 
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import qcompiler
-from qcompiler.backends.ort_numerics import QLinearAddKernel
+from qcompiler.backends.ort_numerics import QLinearAddKernel, QLinearSoftmaxKernel
 from qcompiler.quantizers.uniform import QSpec, UniformQuantizer
 
 from conftest import assert_ort_equals_fake_quant
@@ -52,6 +52,36 @@ def test_qlinear_add_matches_ort_on_every_pair_of_inputs():
         # the float-requantizing fake-quant add, ((a - za) sa + (b - zb) sb) / sc rounded, misses some ties
         plain = torch.round(((a - za) * sa + (b - zb) * sb) / sc) + zc
         plain_misses += int((plain.clamp(0, 255) != torch.from_numpy(got.astype(np.float32))).sum())
+    assert plain_misses > 0
+
+
+def _ort_qlinear_softmax(sx, zx, sy, zy) -> ort.InferenceSession:
+    inits = [numpy_helper.from_array(np.array(v, dtype=np.float32 if isinstance(v, float) else np.uint8), n)
+             for n, v in (("sx", sx), ("zx", zx), ("sy", sy), ("zy", zy))]
+    node = helper.make_node("QLinearSoftmax", ["x", "sx", "zx", "sy", "zy"], ["y"], domain="com.microsoft",
+                            axis=-1, opset=13)
+    io = [helper.make_tensor_value_info(n, TensorProto.UINT8, [None, 24]) for n in "xy"]
+    graph = helper.make_graph([node], "softmax", io[:1], io[1:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_qlinear_softmax_matches_ort():
+    rng = np.random.default_rng(0)
+    plain_misses = 0
+    for _ in range(12):
+        sx, sy = float(np.float32(rng.uniform(0.02, 0.3))), float(np.float32(rng.uniform(0.5, 1.0) / 255))
+        zx, zy = int(rng.integers(0, 256)), int(rng.integers(0, 3))
+        x = torch.from_numpy(rng.integers(0, 256, (512, 24)).astype(np.float32))
+        got = torch.from_numpy(_ort_qlinear_softmax(sx, zx, sy, zy).run(None, {"x": x.numpy().astype(np.uint8)})[0]
+                               .astype(np.float32))
+        qx, qy = _quantizer(sx, zx), _quantizer(sy, zy)
+        out = QLinearSoftmaxKernel(qx, qy, 0, 255, -1)((x - zx) * qx.scale.detach())
+        assert torch.equal(torch.round(out / qy.scale.detach()) + zy, got)
+        # the fake-quant softmax, round(softmax(x) / sy) + zy, differs (ORT's output step is 1 / floor(1 / sy))
+        plain = (torch.round(torch.softmax((x - zx) * sx, -1) / sy) + zy).clamp(0, 255)
+        plain_misses += int((plain != got).sum())
     assert plain_misses > 0
 
 

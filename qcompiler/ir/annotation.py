@@ -9,8 +9,23 @@ their weight-grid policy:
 2. Every activation input of a compute op (conv, linear, matmul) is quantized at that layer's
    activation width (the widest request wins).
 3. The output of every compute op and join (add) is quantized after the clamp-like activations
-   (relu, relu6, clamp) that are its only user, so the integer kernel requantizes once.
-4. Join inputs and graph outputs are quantized.
+   (relu, relu6, clamp) that are its only user, so the integer kernel requantizes once; except the
+   outputs of kinds whose kernels can emit float (``Placement.float_output_kinds``): those are
+   quantized only where rule 2 asks (an integer consumer reads them).
+4. Join inputs and graph outputs are quantized; a join with an operand that rule 3 left float (a
+   float-emitting kernel's output) stays float, its inputs and output too.
+5. Embedding tables (``TABLE_KINDS``) get a symmetric weight spec at the first layer's width: a
+   lookup multiplies nothing, so no kernel limits its grid.
+
+A compute op matching a ``keep_float`` pattern gets none of this (it stays float, and is listed in
+``kept_float`` with the reason). A view (reshape, transpose, dropout: ``registry.VIEW_KINDS``) is
+never quantized: the quantizer goes on the tensor it views, so all views of one tensor share one
+quantizer, and runtimes move the dequantization across the view.
+
+A tensor quantized only because compute ops read it (rule 2; not produced by a requantizing
+kernel, not a join operand nor a graph output) is read quantized by those compute ops (and the
+views on the way to them) only: its other readers, computing in float (a residual add reading a
+LayerNorm output), read the float value, as they do in the deployed graph (``readers``).
 
 Tensors no compute op reads (add operands, graph outputs) multiply nothing: they are stored at the
 placement's activation width (``act_storage_bits``), unless ``a_bits_all``; graph outputs at 8 bits
@@ -40,14 +55,16 @@ WeightPolicy = Callable[[int, bool, QuantConfig], tuple[QSpec, list[str]]]
 
 @dataclass
 class Annotations:
-    """Per node name: ``weights`` (compute op -> weight spec), ``acts`` (tensor -> activation spec,
-    in insertion order), ``biases`` (compute ops whose bias is quantized on the accumulator grid),
-    ``notes`` (note -> layers, for the log)."""
+    """Per node name: ``weights`` (compute op or table -> weight spec), ``acts`` (tensor -> activation
+    spec, in insertion order), ``biases`` (compute ops whose bias is quantized on the accumulator
+    grid), ``notes`` (note -> layers, for the log); ``kept_float``: layer -> why it stays float."""
 
     weights: dict[str, QSpec] = field(default_factory=dict)
     acts: dict[str, QSpec] = field(default_factory=dict)
     biases: list[str] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
+    kept_float: dict[str, str] = field(default_factory=dict)
+    readers: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _is_float_tensor(node: fx.Node) -> bool:
@@ -65,8 +82,13 @@ def is_depthwise(node: fx.Node, gm: fx.GraphModule) -> bool:
 def annotate_by_placement(gm: fx.GraphModule, quant: QuantConfig, place: Placement,
                           weight_spec: WeightPolicy) -> Annotations:
     """The module docstring's rule over ``gm``, whose compute ops carry ``qc.layer`` names."""
-    compute = [n for n in gm.graph.nodes if registry.kind(n, gm) in registry.COMPUTE_KINDS]
-    ends = {compute[0], compute[-1]}
+    every = [n for n in gm.graph.nodes if registry.kind(n, gm) in registry.COMPUTE_KINDS]
+    ends = {every[0], every[-1]}
+    ann = Annotations()
+    for n in every:
+        if quant.kept_float(n.meta["qc.layer"]):
+            ann.kept_float[n.meta["qc.layer"]] = "matches --keep-float"
+    compute = [n for n in every if n.meta["qc.layer"] not in ann.kept_float]
     layer_bits = {n: quant.bits_for(n.meta["qc.layer"], n in ends) for n in compute}
     kernel_bits: dict[fx.Node, int] = {}
     other_bits: dict[fx.Node, int] = {}
@@ -74,6 +96,7 @@ def annotate_by_placement(gm: fx.GraphModule, quant: QuantConfig, place: Placeme
 
     def want(t: object, bits: int | None = None) -> None:
         """Quantize ``t``: as a compute op's input at ``bits``, or (None) as a stored tensor."""
+        t = registry.view_source(t, gm)
         if isinstance(t, fx.Node) and _is_float_tensor(t) and t.op != "get_attr":
             if bits is None:
                 other_bits[t] = storage
@@ -94,11 +117,18 @@ def annotate_by_placement(gm: fx.GraphModule, quant: QuantConfig, place: Placeme
             want(a["input"], layer_bits[node][1])
             if registry.kind(node, gm) == "matmul":
                 want(a["other"], layer_bits[node][1])
-        if place.compute_outputs:
+        if place.compute_outputs and registry.kind(node, gm) not in place.float_output_kinds:
             want(after_clamps(node))
+
+    def left_float(t: object) -> bool:
+        t = registry.view_source(t, gm)
+        return registry.kind(t, gm) in place.float_output_kinds and t not in kernel_bits and t not in other_bits
+
     for node in gm.graph.nodes if quant.a_bits is not None else []:
         if registry.kind(node, gm) in place.join_kinds:
             a = registry.args_of(node, gm)
+            if left_float(a["input"]) or left_float(a["other"]):
+                continue
             want(a["input"])
             want(a["other"])
             want(after_clamps(node))
@@ -108,9 +138,12 @@ def annotate_by_placement(gm: fx.GraphModule, quant: QuantConfig, place: Placeme
             want(t)
             if quant.first_last_8bit and t in other_bits:
                 other_bits[t] = 8
-    ann = Annotations()
     for t, bits in {**other_bits, **kernel_bits}.items():  # what a compute op reads takes its width
         ann.acts[t.name] = QSpec(bits, place.act_signed, False, None)
+        if t not in other_bits and registry.kind(t, gm) not in registry.COMPUTE_KINDS:
+            readers = [u.name for u in t.users if registry.kind(u, gm) in registry.COMPUTE_KINDS | registry.VIEW_KINDS]
+            if len(readers) < len(t.users):
+                ann.readers[t.name] = readers
     for node in compute:
         if registry.kind(node, gm) not in registry.WEIGHTED_KINDS:
             continue
@@ -123,7 +156,14 @@ def annotate_by_placement(gm: fx.GraphModule, quant: QuantConfig, place: Placeme
         for note in notes:
             ann.notes.setdefault(note, []).append(node.meta["qc.layer"])
         b = a.get("bias")
+        x = registry.view_source(a["input"], gm)
         if place.bias_on_accumulator and isinstance(b, fx.Node) and b.op == "get_attr" \
-                and isinstance(a["input"], fx.Node) and a["input"].name in ann.acts:
+                and isinstance(x, fx.Node) and x.name in ann.acts:
             ann.biases.append(node.name)
+    for node in gm.graph.nodes:
+        if registry.kind(node, gm) in registry.TABLE_KINDS:
+            w = registry.args_of(node, gm)["weight"]
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                bits = quant.bits_for(node.meta.get("qc.layer", node.name), True)[0]
+                ann.weights[node.name] = QSpec(bits, place.weight_signed, True, 0 if quant.per_channel else None)
     return ann

@@ -1,7 +1,8 @@
 """The Program: everything the passes share.
 
 - ``model``: the user's ``nn.Module`` (never modified).
-- ``example_inputs``: a tuple of tensors used for capture and export.
+- ``example_inputs``: a tuple of tensors used for capture and export; ``dynamic_dims``: per input
+  (position or keyword) the dimensions that vary at run time (default: the batch dimension).
 - ``calib``: the calibration batches (each a tuple of tensors, or a dict of keyword tensors).
 - ``verify``: batches the calibration never saw, for the target's check of the lowered model, and
   ``verify_source``, a sentence saying where they came from (it goes into the report).
@@ -29,6 +30,7 @@ Per-node facts live in ``node.meta`` under these keys:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,11 +51,14 @@ def call(module: nn.Module, batch: Batch) -> Any:
     return module(*batch)
 
 
-def export_args(inputs: tuple | dict) -> tuple[tuple, dict, tuple | dict]:
-    """(args, kwargs, dynamic_shapes) to export with a dynamic leading (batch) dimension.
+def export_args(inputs: tuple | dict, module: nn.Module | None = None, dims: dict | None = None
+                ) -> tuple[tuple, dict, tuple | dict]:
+    """(args, kwargs, dynamic_shapes) to export ``module`` with a dynamic leading (batch) dimension,
+    and for the inputs ``dims`` names (by position or keyword) the dimensions it lists.
 
     torch.export specialises a dimension whose example size is 0 or 1, so example tensors with a
-    batch of 1 are repeated to a batch of 2 for export.
+    batch of 1 are repeated to a batch of 2 for export. A forward that takes ``*args`` gets its
+    specs keyed by parameter name, the varargs' ones as one tuple, as torch.export matches them.
     """
 
     def two(t: object) -> object:
@@ -61,14 +66,22 @@ def export_args(inputs: tuple | dict) -> tuple[tuple, dict, tuple | dict]:
             return t.repeat(2, *([1] * (t.dim() - 1)))
         return t
 
-    def spec(t: object) -> object:
-        return {0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+    def spec(key: int | str, t: object) -> object:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        return {d: torch.export.Dim.AUTO for d in (dims or {}).get(key, (0,))}
 
     if isinstance(inputs, dict):
         kwargs = {k: two(v) for k, v in inputs.items()}
-        return (), kwargs, {k: spec(v) for k, v in kwargs.items()}
+        return (), kwargs, {k: spec(k, v) for k, v in kwargs.items()}
     args = tuple(two(a) for a in inputs)
-    return args, {}, tuple(spec(a) for a in args)
+    specs = tuple(spec(i, a) for i, a in enumerate(args))
+    params = list(inspect.signature(module.forward).parameters.values()) if module is not None else []
+    var = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    if var is None or var > len(specs):
+        return args, {}, specs
+    named = {p.name: s for p, s in zip(params[:var], specs, strict=False)}
+    return args, {}, {**named, params[var].name: specs[var:]}
 
 
 def flat_outputs(out: Any) -> list[torch.Tensor]:
@@ -97,6 +110,7 @@ class ProgramState:
     """Facts passes establish about the graph.
 
     - ``quantized_layers``: the compute layers ``insert_quantizers`` quantized, in graph order;
+      ``float_layers``: the compute layers the plan keeps in float, with the reason;
     - ``calibrated``: every quantizer has its range (``calibrate``);
     - ``granularity``: how ``partition`` cut the units; ``block_ends``: the output of every block (the
       points where granularities are compared, whatever the units);
@@ -105,6 +119,7 @@ class ProgramState:
     """
 
     quantized_layers: list[str] = field(default_factory=list)
+    float_layers: dict[str, str] = field(default_factory=dict)
     calibrated: bool = False
     granularity: str | None = None
     block_ends: list[str] = field(default_factory=list)
@@ -134,6 +149,7 @@ class Program:
     verify: list[Batch] = field(default_factory=list)
     verify_source: str = ""
     work_dir: str | None = None
+    dynamic_dims: dict | None = None
     state: ProgramState = field(default_factory=ProgramState)
     units: list[Unit] | None = None
     lowered: Lowered | None = None
@@ -189,12 +205,14 @@ def _shapes(batch: Batch) -> list[tuple[str, torch.Tensor]]:
     return [(str(k), v) for k, v in items if isinstance(v, torch.Tensor)]
 
 
-def check_calibration(calib: list[Batch], example_inputs: tuple | dict, what: str = "calibration") -> None:
+def check_calibration(calib: list[Batch], example_inputs: tuple | dict, what: str = "calibration",
+                      dims: dict | None = None) -> None:
     """Reject calibration (or verification) data that is empty, not finite, or shaped unlike the
     example inputs.
 
     Every tensor must match the example input at the same position (or key) in everything but
-    the leading batch dimension, in dtype class (float vs integer), and be finite.
+    the leading batch dimension and the dimensions ``dims`` declares dynamic for it (see
+    ``export_args``), in dtype class (float vs integer), and be finite.
     """
     from qcompiler.errors import CalibrationDataError
 
@@ -211,7 +229,9 @@ def check_calibration(calib: list[Batch], example_inputs: tuple | dict, what: st
                                        f"inputs are {sorted(ref)}")
         for k, t in got.items():
             e = ref[k]
-            if t.dim() != e.dim() or tuple(t.shape[1:]) != tuple(e.shape[1:]):
+            free = set((dims or {}).get(int(k) if k.isdigit() else k, (0,))) | {0}
+            fixed = [d for d in range(e.dim()) if d not in free]
+            if t.dim() != e.dim() or any(t.shape[d] != e.shape[d] for d in fixed):
                 raise CalibrationDataError(f"{what} batch {i} input {k} has shape {tuple(t.shape)} but the "
                                            f"model expects {('N',) + tuple(e.shape[1:])}")
             if t.dtype.is_floating_point != e.dtype.is_floating_point:

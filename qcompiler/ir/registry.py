@@ -7,8 +7,9 @@ registry for the op's *kind* and for a normalised view of its arguments, so no p
 the capture path.
 
 Kinds: ``conv``, ``linear``, ``matmul`` (compute ops), ``add`` (join), ``relu``, ``hardtanh``,
-``clamp`` (clamp-like activations), ``batchnorm``, ``avgpool``, ``maxpool``, ``flatten``,
-``reshape``, ``softmax``, ``dropout``.
+``clamp`` (clamp-like activations), ``embedding`` (a table lookup: weighted, computes nothing),
+``batchnorm``, ``avgpool``, ``maxpool``, ``flatten``, ``reshape``, ``softmax``, ``dropout``, and the
+forms canonicalisation rewrites: ``attention`` (scaled_dot_product_attention), ``addmm``, ``mm``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ aten = torch.ops.aten
 
 COMPUTE_KINDS = frozenset({"conv", "linear", "matmul"})
 WEIGHTED_KINDS = frozenset({"conv", "linear"})
+TABLE_KINDS = frozenset({"embedding"})
+#: Ops whose output holds the values of their input, rearranged: a quantized input stays quantized.
+VIEW_KINDS = frozenset({"reshape", "flatten", "view", "dropout"})
 CLAMP_KINDS = frozenset({"relu", "hardtanh", "clamp"})
 JOIN_KINDS = frozenset({"add"})
 
@@ -45,7 +49,8 @@ class OpDef:
 _DEFS: list[OpDef] = [
     OpDef("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d),
           (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
-           aten.conv1d.default, aten.conv2d.default, aten.conv3d.default),
+           aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+           aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding),
           schema=("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
           defaults=(("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))),
     OpDef("linear", (nn.Linear,), (F.linear, aten.linear.default),
@@ -78,6 +83,18 @@ _DEFS: list[OpDef] = [
     OpDef("softmax", (nn.Softmax,), (F.softmax, torch.softmax, aten.softmax.int, aten._softmax.default),
           ("softmax",), schema=("input",)),
     OpDef("dropout", (nn.Dropout,), (F.dropout, aten.dropout.default), (), schema=("input",)),
+    OpDef("view", (), (torch.transpose, torch.permute, torch.unflatten, aten.transpose.int, aten.permute.default,
+                       aten.unflatten.int, aten.contiguous.default, aten.clone.default, aten.t.default),
+          ("transpose", "permute", "unflatten", "contiguous", "t"), schema=("input",)),
+    OpDef("embedding", (nn.Embedding,), (F.embedding,), schema=("input", "weight")),
+    OpDef("embedding", (), (aten.embedding.default,), schema=("weight", "input")),
+    OpDef("attention", (), (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default),
+          schema=("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+          defaults=(("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False), ("scale", None),
+                    ("enable_gqa", False))),
+    OpDef("addmm", (), (torch.addmm, aten.addmm.default), schema=("bias", "input", "other", "beta", "alpha"),
+          defaults=(("beta", 1), ("alpha", 1))),
+    OpDef("mm", (), (torch.mm, aten.mm.default), ("mm",), schema=("input", "other")),
 ]
 
 _BY_MODULE: dict[type, OpDef] = {}
@@ -165,6 +182,13 @@ def input_of(node: fx.Node) -> fx.Node:
     return next(iter(node.kwargs.values()))
 
 
+def view_source(node: object, gm: fx.GraphModule) -> object:
+    """The tensor whose values ``node`` holds, followed back through view ops (``VIEW_KINDS``)."""
+    while isinstance(node, fx.Node) and kind(node, gm) in VIEW_KINDS:
+        node = input_of(node)
+    return node
+
+
 # ---------------------------------------------------------------- parameters
 
 
@@ -189,8 +213,14 @@ def _conv_function(mod: nn.Module) -> Callable:
     return {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(mod)]
 
 
+def _weight_bias(gm: fx.GraphModule, target: str, mod: nn.Module) -> tuple[fx.Node, fx.Node | None]:
+    w = gm.graph.get_attr(f"{target}.weight")
+    return w, gm.graph.get_attr(f"{target}.bias") if mod.bias is not None else None
+
+
 def functionalize(gm: fx.GraphModule) -> int:
-    """Rewrite module-form conv/linear nodes as ``get_attr`` weights feeding ``F.conv*/F.linear``.
+    """Rewrite module-form conv/linear/embedding nodes as ``get_attr`` weights feeding
+    ``F.conv*/F.linear/F.embedding``.
 
     After this every weighted op has its weight (and bias) as graph values, so quantizers can sit
     between a weight and its consumer whatever form the op was captured in. Returns the number of
@@ -202,20 +232,21 @@ def functionalize(gm: fx.GraphModule) -> int:
             continue
         mod = gm.get_submodule(node.target)
         d = _BY_MODULE.get(type(mod))
-        if d is None or d.kind not in WEIGHTED_KINDS:
+        if d is None or d.kind not in WEIGHTED_KINDS | TABLE_KINDS:
             continue
-        if d.kind == "conv" and mod.padding_mode != "zeros":
+        if (d.kind == "conv" and mod.padding_mode != "zeros") or (d.kind == "embedding" and mod.max_norm is not None):
             continue
         with gm.graph.inserting_before(node):
-            w = gm.graph.get_attr(f"{node.target}.weight")
-            b = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
-            if d.kind == "conv":
+            if d.kind == "embedding":
+                new = gm.graph.call_function(F.embedding, (node.args[0], gm.graph.get_attr(f"{node.target}.weight")))
+            elif d.kind == "conv":
+                w, b = _weight_bias(gm, node.target, mod)
                 padding = mod.padding if isinstance(mod.padding, str) else tuple(mod.padding)
                 new = gm.graph.call_function(
                     _conv_function(mod),
                     (node.args[0], w, b, tuple(mod.stride), padding, tuple(mod.dilation), mod.groups))
             else:
-                new = gm.graph.call_function(F.linear, (node.args[0], w, b))
+                new = gm.graph.call_function(F.linear, (node.args[0], *_weight_bias(gm, node.target, mod)))
         new.meta.update(node.meta)
         new.meta["qc.layer"] = node.target
         node.replace_all_uses_with(new)
@@ -232,7 +263,7 @@ def layer_name(node: fx.Node, gm: fx.GraphModule) -> str:
         return node.meta["qc.layer"]
     if node.op == "call_module":
         return str(node.target)
-    if kind(node, gm) in WEIGHTED_KINDS:
+    if kind(node, gm) in WEIGHTED_KINDS | TABLE_KINDS:
         w = args_of(node, gm)["weight"]
         if isinstance(w, fx.Node) and w.op == "get_attr":
             t = str(w.target)

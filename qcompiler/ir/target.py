@@ -18,6 +18,9 @@ class Placement:
     - ``compute_inputs``: quantize every activation input of conv/linear/matmul (their weights too).
     - ``compute_outputs``: quantize the output of every compute op, after the clamp-like activations
       that follow it alone (relu, relu6, clamp), so the integer kernel can requantize its result.
+    - ``float_output_kinds``: compute kinds whose integer kernels can also write float outputs (ONNX
+      Runtime's QGemm and MatMulIntegerToFloat): their outputs are requantized only where an
+      integer kernel reads them, and a join of such an output stays float.
     - ``join_kinds``: joins (e.g. ``add``) whose inputs and output are quantized so they run as
       integer ops too.
     - ``graph_outputs``: quantize the model outputs.
@@ -39,6 +42,7 @@ class Placement:
 
     compute_inputs: bool = True
     compute_outputs: bool = True
+    float_output_kinds: frozenset[str] = frozenset()
     join_kinds: frozenset[str] = frozenset({"add"})
     graph_outputs: bool = True
     act_signed: bool = False
