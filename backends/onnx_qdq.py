@@ -78,7 +78,8 @@ def _to_constant(gm: fx.GraphModule, qnode: fx.Node, const: nn.Module) -> None:
     gm.graph.erase_node(qnode)
     if not attr.users:
         gm.graph.erase_node(attr)
-        _delete_attr(gm, str(attr.target))
+        if not any(n.op == "get_attr" and n.target == attr.target for n in gm.graph.nodes):  # a shared module
+            _delete_attr(gm, str(attr.target))
 
 
 def build_deploy_graph(program: Program, float_ops: bool = False) -> tuple[fx.GraphModule, dict]:

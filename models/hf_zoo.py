@@ -9,6 +9,9 @@ attention mask whose later positions are padding for some rows.
 
     qcompile models/hf_zoo.py --model-arg arch=bert --bits w8a8 -o bert.onnx
 
+``--model-arg size=default`` builds the image architectures from their configs' defaults instead
+(full-width EfficientNet, MobileViT, ...), still random, on ``DEFAULT_IMAGE_SIZE`` pixels.
+
 This file is Python code: loading it as a model file executes it.
 """
 
@@ -20,6 +23,7 @@ from torch import nn
 __all__ = ["ARCHS", "build", "calibration_data", "example_inputs", "verification_data"]
 
 IMAGE_SIZE = 32
+DEFAULT_IMAGE_SIZE = 96
 SEQ_LEN = 16
 VOCAB = 128
 CLASSES = 10
@@ -95,37 +99,46 @@ def _perturb(model: nn.Module, gen: torch.Generator) -> None:
                 m.bias.normal_(0.0, 0.1, generator=gen)
 
 
-def build(arch: str = "bert", seed: int = 0) -> nn.Module:
+def _pixels(size: str) -> int:
+    if size not in ("small", "default"):
+        raise ValueError(f"size {size!r}: small or default")
+    return DEFAULT_IMAGE_SIZE if size == "default" else IMAGE_SIZE
+
+
+def build(arch: str = "bert", seed: int = 0, size: str = "small") -> nn.Module:
     """The architecture ``arch`` with seeded random weights, in eval mode."""
     _kind(arch)
     cls, config, _ = _configs()[arch]
-    torch.manual_seed(seed)
+    if size == "default" and _kind(arch) == "image":
+        config = type(config)(image_size=_pixels(size), num_labels=CLASSES)
+    torch.manual_seed(int(seed))
     model = cls(config)
-    _perturb(model, torch.Generator().manual_seed(seed))
+    _perturb(model, torch.Generator().manual_seed(int(seed)))
     names = ("input_ids", "attention_mask") if _kind(arch) == "text" else ("pixel_values",)
     return FirstTensor(model, names).eval()
 
 
-def _batch(arch: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+def _batch(arch: str, n: int, gen: torch.Generator, size: str = "small") -> tuple[torch.Tensor, ...]:
     if _kind(arch) == "image":
-        return (torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),)
+        return (torch.randn(n, 3, _pixels(size), _pixels(size), generator=gen),)
     ids = torch.randint(1, VOCAB, (n, SEQ_LEN), generator=gen)
     lengths = torch.randint(SEQ_LEN // 2, SEQ_LEN + 1, (n,), generator=gen)
     mask = (torch.arange(SEQ_LEN)[None, :] < lengths[:, None]).long()
     return ids * mask, mask
 
 
-def example_inputs(arch: str = "bert") -> tuple[torch.Tensor, ...]:
-    return _batch(arch, 2, torch.Generator().manual_seed(1))
+def example_inputs(arch: str = "bert", size: str = "small") -> tuple[torch.Tensor, ...]:
+    return _batch(arch, 2, torch.Generator().manual_seed(1), size)
 
 
-def calibration_data(arch: str = "bert", samples: int = 64, batch: int = 16) -> list[tuple[torch.Tensor, ...]]:
+def calibration_data(arch: str = "bert", samples: int = 64, batch: int = 16, size: str = "small"
+                     ) -> list[tuple[torch.Tensor, ...]]:
     """``samples`` random inputs (seeded) in batches of ``batch``."""
     gen = torch.Generator().manual_seed(2)
-    return [_batch(arch, batch, gen) for _ in range(max(1, samples // batch))]
+    return [_batch(arch, batch, gen, size) for _ in range(max(1, int(samples) // int(batch)))]
 
 
-def verification_data(arch: str = "bert", verify_num: int = 64) -> list[tuple[torch.Tensor, ...]]:
+def verification_data(arch: str = "bert", verify_num: int = 64, size: str = "small") -> list[tuple[torch.Tensor, ...]]:
     """``verify_num`` held-out inputs (another seed than the calibration's), at most 64."""
     gen = torch.Generator().manual_seed(3)
-    return [_batch(arch, 16, gen) for _ in range(max(1, min(verify_num, 64) // 16))]
+    return [_batch(arch, 16, gen, size) for _ in range(max(1, min(int(verify_num), 64) // 16))]

@@ -112,3 +112,34 @@ def test_integer_exact_model_equals_ort(bits):
                           first_last_8bit=False)
     assert r.program.lowered.integer_gm.meta["qc.integer_kernels"] == 5  # 3 convs, the add, the fc
     assert_ort_equals_fake_quant(r, (torch.randn(256, 3, 16, 16) * 2,))
+
+
+class FloatOutputs(nn.Module):
+    """Linear layers whose outputs feed float ops (GELU, LayerNorm with a residual), as in a transformer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 10)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x + self.b(torch.nn.functional.gelu(self.a(x))))
+        return self.c(h + self.b(torch.nn.functional.gelu(self.a(h))))
+
+
+def test_float_output_linears_run_as_matmul_integer_to_float_equal_to_fake_quant():
+    from qcompiler.backends import ort as ort_backend
+    from qcompiler.ir import registry
+
+    torch.manual_seed(0)
+    calib = [(torch.randn(16, 8, 32),) for _ in range(4)]
+    r = qcompiler.compile(FloatOutputs().eval(), example_inputs=(torch.randn(2, 8, 32),), calib=calib, bits="w8a8")
+    counts = ort_backend.optimized_op_counts(r.onnx_bytes)
+    assert counts["MatMulIntegerToFloat"] == 4 and counts["QGemm"] == 1, counts
+    assert r.checks["integer_kernels"]["unmodelled"] == []
+    assert_ort_equals_fake_quant(r, (torch.randn(16, 8, 32),))
+    # the residual adds read the LayerNorm output and the input in float, not their quantized copies
+    gm = r.program.gm
+    for add in (n for n in gm.graph.nodes if registry.kind(n, gm) == "add"):
+        assert not any(a.meta.get("qc.quantizer") == "act" for a in add.all_input_nodes), add.format_node()
