@@ -1,9 +1,11 @@
 """partition: cut the quantized graph into reconstruction units.
 
 Rule: a *cut* is a node every path from the model inputs to the model output passes through (it
-dominates the output in the DAG, found with networkx) and that is a requantization point (an
-activation quantizer; in a weights-only graph, which has none, a compute op's or a join's output
-after the clamp-like activations only it feeds) or starts a branch (two or more users). Residual
+dominates the output in the DAG, found with networkx; values derived from the inputs by no compute
+op, such as an attention mask, are left out of that DAG: every unit may read them) and that is a
+requantization point (an activation quantizer; in a weights-only graph, which has none, a compute
+op's or a join's output after the clamp-like activations only it feeds) or starts a branch (two or
+more users). Residual
 adds and branch joins are therefore never cut inside: a residual block (or a transformer's
 attention or feed-forward sublayer, whose normalised output the next residual reads again) lies
 between two cuts.
@@ -24,7 +26,10 @@ every node's unit index goes into ``node.meta["qc.unit"]``. The MRECG granularit
 
 from __future__ import annotations
 
+import operator
+
 import networkx as nx
+import torch
 from torch import fx
 
 from qcompiler.config import GRANULARITIES
@@ -57,9 +62,11 @@ def cuts(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
     starts (two or more users: the value a residual or a join reads again later)."""
     g = dataflow_graph(gm)
     source = "__qc_source__"
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            g.add_edge(source, n.name)
+    side = side_values(gm)
+    g.remove_nodes_from(side)
+    for v in list(g.nodes):
+        if g.in_degree(v) == 0:
+            g.add_edge(source, v)
     out = next(n for n in gm.graph.nodes if n.op == "output").name
     idom = nx.immediate_dominators(g, source)
     dominators, v = set(), out
@@ -67,6 +74,21 @@ def cuts(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
         dominators.add(v)
         v = idom[v]
     return requant_points(gm) & dominators, {v for v in dominators if v != out and g.out_degree(v) > 1}
+
+
+def side_values(gm: fx.GraphModule) -> set[str]:
+    """Values computed from the model inputs without any compute op or activation quantizer on the
+    way (an attention mask and what is derived from it, position ids, an embedding lookup before its
+    first quantizer): every unit may read them, so they do not decide where units end."""
+    side: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "output" or is_param_side(n) or n.meta.get("qc.quantizer") == "act":
+            continue
+        if registry.kind(n, gm) in registry.COMPUTE_KINDS:
+            continue
+        if all(m.name in side or is_param_side(m) for m in n.all_input_nodes):
+            side.add(n.name)
+    return side
 
 
 def requant_points(gm: fx.GraphModule) -> set[str]:
@@ -167,16 +189,34 @@ def _layer_ends(gm: fx.GraphModule) -> set[str]:
 
 def make_unit(gm: fx.GraphModule, span: list[fx.Node], index: int) -> Unit:
     """The unit of the nodes ``span`` (in graph order): its output is the last node, its inputs the
-    activations it reads from outside."""
+    activations it reads from outside (a size read from outside is recomputed inside, from the
+    tensors it is taken of: those are inputs instead)."""
     names = {n.name for n in span}
     inputs: list[str] = []
+
+    def read(m: fx.Node) -> None:
+        if m.name in names or is_param_side(m) or m.name in inputs:
+            return
+        if _is_tensor(m):
+            inputs.append(m.name)
+        else:  # a size: recomputed inside the unit from the tensors it is taken of
+            for a in m.all_input_nodes:
+                read(a)
+
     for n in span:
         for m in n.all_input_nodes:
-            if m.name not in names and not is_param_side(m) and m.name not in inputs:
-                inputs.append(m.name)
+            read(m)
     layers = [n.meta["qc.layer"] for n in span if registry.kind(n, gm) in registry.COMPUTE_KINDS]
     return Unit(name=f"unit{index}:{layers[0] if layers else span[0].name}", nodes=[n.name for n in span],
                 output=span[-1].name, inputs=inputs, layers=layers)
+
+
+def _is_tensor(n: fx.Node) -> bool:
+    """Whether ``n`` computes a tensor (not a size or a shape)."""
+    val = n.meta.get("val")
+    if val is not None:
+        return isinstance(val, torch.Tensor)
+    return n.target not in (getattr, operator.getitem)
 
 
 def merge_units(gm: fx.GraphModule, units: list[Unit], groups: list[list[int]]) -> list[Unit]:

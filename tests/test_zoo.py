@@ -76,3 +76,38 @@ def test_keep_float_pattern_matching_nothing_is_an_error(zoo):
 
     with pytest.raises(ConfigError, match="match no layer"):
         qcompiler.compile(MODEL, model_args={"arch": "bert"}, bits="w8a8", keep_float=["no.such.layer"])
+
+
+def test_transformer_units_are_attention_and_feed_forward_sublayers(zoo):
+    """The attention mask every layer reads does not keep the LayerNorm outputs from being cuts."""
+    r = qcompiler.compile(MODEL, model_args={"arch": "bert"}, bits="w4a8", method="qdrop", stop_after="partition")
+    layers = [u.layers for u in r.program.units]
+    assert [len(x) for x in layers] == [6, 2, 6, 2], layers  # q, k, v, two products, output | FFN in, out
+    assert layers[1] == ["model.encoder.layer.0.intermediate.dense", "model.encoder.layer.0.output.dense"]
+
+
+def test_reconstruction_runs_on_transformer_sublayers(zoo):
+    r = qcompiler.compile(MODEL, model_args={"arch": "bert"}, bits="w4a8", method="qdrop", iters=20)
+    units = r.report["reconstruction"]["units"]
+    assert len(units) == 4 and all(u["loss_after"] == u["loss_after"] for u in units)  # trained, no NaN
+    assert r.checks["integer_kernels"]["float_kernels"] == {}
+
+
+def test_noise_floor_does_not_accept_a_corrupted_transformer(zoo, monkeypatch):
+    """Where the strict check fails, the floor is consulted; a rescaled output is far above it."""
+    from test_verification import _break_lowering, _corrupt_a_scale
+
+    _break_lowering(monkeypatch, _corrupt_a_scale)
+    with pytest.raises(VerificationError, match="disagrees"):
+        qcompiler.compile(MODEL, model_args={"arch": "bert"}, bits="w8a8")
+
+
+def test_within_noise_rule():
+    from qcompiler.config import TargetOptions
+
+    floor = {"mean_error": 0.02, "worst_error": 0.1, "top1_agreement": 0.97}
+    opts = TargetOptions()
+    assert ort_backend.within_noise({"mean_error": 0.011, "worst_error": 0.12, "top1_agreement": 0.975}, floor, opts)
+    assert not ort_backend.within_noise({"mean_error": 0.06, "worst_error": 0.12}, floor, opts)
+    assert not ort_backend.within_noise({"mean_error": 0.01, "worst_error": 0.5}, floor, opts)
+    assert not ort_backend.within_noise({"mean_error": 0.01, "worst_error": 0.1, "top1_agreement": 0.9}, floor, opts)
