@@ -15,10 +15,10 @@ Rule: the deployed graph computes exactly what the fake-quant graph computes.
 
 - A linear layer whose output is not requantized (its consumer computes in float) becomes
   ``MatMul(x, W^T) + b`` with ``W^T`` dequantized per column, batched over the rows' leading
-  dimensions when ``linear_forms`` had flattened them (on a leading unit dimension otherwise):
-  ONNX Runtime runs that as
-  ``MatMulIntegerToFloat`` (integer products, float output), while a ``Gemm`` without an output
-  QuantizeLinear (and a 2-D MatMul + Add, which it fuses into one) stays a float Gemm.
+  dimensions when ``linear_forms`` had flattened them (on a leading unit dimension otherwise).
+  ONNX Runtime runs that as ``MatMulIntegerToFloat`` (integer products, float output), while a
+  ``Gemm`` without an output QuantizeLinear (and a 2-D MatMul + Add, which it fuses into one)
+  stays a float Gemm.
 
 The graph is exported with ``torch.onnx.export`` (dynamo), the ``qc::`` ops translated to ONNX
 by ``qdq_modules.TRANSLATIONS``; every other op keeps its standard translation.
