@@ -78,17 +78,29 @@ def cuts(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
 
 def side_values(gm: fx.GraphModule) -> set[str]:
     """Values computed from the model inputs without any compute op or activation quantizer on the
-    way (an attention mask and what is derived from it, position ids, an embedding lookup before its
-    first quantizer): every unit may read them, so they do not decide where units end."""
-    side: set[str] = set()
+    way that do not lead to the first quantizers (an attention mask and what is derived from it,
+    position ids), and sizes (a batch size every ``view`` reads): every unit may read them, so they
+    do not decide where units end. What feeds a quantizer reading only such values (the input, an
+    embedding lookup before its first quantizer) is the data itself and stays."""
+    early: set[str] = set()
     for n in gm.graph.nodes:
         if n.op == "output" or is_param_side(n) or n.meta.get("qc.quantizer") == "act":
             continue
         if registry.kind(n, gm) in registry.COMPUTE_KINDS:
             continue
-        if all(m.name in side or is_param_side(m) for m in n.all_input_nodes):
-            side.add(n.name)
-    return side
+        if all(m.name in early or is_param_side(m) for m in n.all_input_nodes):
+            early.add(n.name)
+    data: set[str] = set()
+    stack = [m for n in gm.graph.nodes if n.meta.get("qc.quantizer") == "act"
+             for m in n.all_input_nodes if m.name in early
+             if all(x.name in early or is_param_side(x) for x in n.all_input_nodes)]
+    while stack:
+        m = stack.pop()
+        if m.name not in data:
+            data.add(m.name)
+            stack.extend(x for x in m.all_input_nodes if x.name in early)
+    sizes = {n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output") and not _is_tensor(n)}
+    return (early - data) | sizes
 
 
 def requant_points(gm: fx.GraphModule) -> set[str]:
@@ -216,7 +228,11 @@ def _is_tensor(n: fx.Node) -> bool:
     val = n.meta.get("val")
     if val is not None:
         return isinstance(val, torch.Tensor)
-    return n.target not in (getattr, operator.getitem)
+    if n.target is getattr:
+        return n.args[1] != "shape"
+    if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+        return _is_tensor(n.args[0])
+    return True
 
 
 def merge_units(gm: fx.GraphModule, units: list[Unit], groups: list[list[int]]) -> list[Unit]:
