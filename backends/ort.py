@@ -144,16 +144,19 @@ def agreement(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, flo
     return out
 
 
-def compare(model: torch.nn.Module, sess: ort.InferenceSession, batches: list[Batch]) -> dict[str, float]:
-    """Run the fake-quant model and the ORT session on ``batches``; summarise how they agree."""
-    refs: list[list[torch.Tensor]] = []
-    gots: list[list[torch.Tensor]] = []
+def outputs(run: Callable[[Batch], Any], batches: list[Batch]) -> list[torch.Tensor]:
+    """``run``'s outputs over ``batches``, each output concatenated along the batch."""
     with torch.no_grad():
-        for b in batches:
-            refs.append(flat_outputs(call(model, b)))
-            gots.append([torch.from_numpy(o) for o in sess.run(None, feeds(sess, b))])
-    ref = [torch.cat([r[i] for r in refs]) for i in range(len(refs[0]))]
-    got = [torch.cat([g[i] for g in gots]) for i in range(len(gots[0]))]
+        per_batch = [flat_outputs(run(b)) for b in batches]
+    return [torch.cat([o[i] for o in per_batch]) for i in range(len(per_batch[0]))]
+
+
+def compare(model: torch.nn.Module, sess: ort.InferenceSession, batches: list[Batch],
+            ref: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Run the fake-quant model (unless its outputs ``ref`` are given) and the ORT session on
+    ``batches``; summarise how they agree."""
+    ref = ref if ref is not None else outputs(lambda b: call(model, b), batches)
+    got = outputs(lambda b: [torch.from_numpy(o) for o in sess.run(None, feeds(sess, b))], batches)
     if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got, strict=False)):
         raise VerificationError(f"ORT outputs {[tuple(g.shape) for g in got]} differ in shape from the model's "
                                 f"{[tuple(r.shape) for r in ref]}")
@@ -174,12 +177,13 @@ def take_samples(batches: list[Batch], n: int) -> list[Batch]:
     return out
 
 
-def noise_floor(model: torch.nn.Module, batches: list[Batch], seed: int = 0) -> dict[str, float]:
+def noise_floor(model: torch.nn.Module, batches: list[Batch], ref: list[torch.Tensor] | None = None,
+                seed: int = 0) -> dict[str, float]:
     """How far the fake-quant graph ``model`` moves from itself when every float operation's result
     (LayerNorm, GELU, softmax: what no runtime computes bit for bit like torch) is off by about one
     float32 rounding (a random relative 2^-23): such differences, turned into whole-step flips now
     and then by the quantizers after them, compound through a deep network. The agreement metrics
-    of the perturbed run against the plain one."""
+    of the perturbed run against the plain one (``ref``, computed when not given)."""
     gen = torch.Generator().manual_seed(seed)
 
     class Perturbed(fx.Interpreter):
@@ -190,15 +194,9 @@ def noise_floor(model: torch.nn.Module, batches: list[Batch], seed: int = 0) -> 
                 out = out * (1 + u * 2.0**-23)
             return out
 
-    refs: list[list[torch.Tensor]] = []
-    gots: list[list[torch.Tensor]] = []
-    with torch.no_grad():
-        for b in batches:
-            refs.append(flat_outputs(call(model, b)))
-            args = list(b.values()) if isinstance(b, dict) else list(b)
-            gots.append(flat_outputs(Perturbed(model).run(*args)))
-    return agreement([torch.cat([r[i] for r in refs]) for i in range(len(refs[0]))],
-                     [torch.cat([g[i] for g in gots]) for i in range(len(gots[0]))])
+    ref = ref if ref is not None else outputs(lambda b: call(model, b), batches)
+    got = outputs(lambda b: Perturbed(model).run(*(b.values() if isinstance(b, dict) else b)), batches)
+    return agreement(ref, got)
 
 
 def within_noise(agree: dict, floor: dict, cfg: TargetOptions) -> bool:
@@ -249,7 +247,9 @@ class VerifyOrt(Pass):
                        "unmodelled": [], "ok": True, "plan": "float simulation: compute ops run in float"}
             ref = program.gm
         sess = session(data)
-        agree = compare(ref, sess, take_samples(program.verify, cfg.verify_samples))
+        batches = take_samples(program.verify, cfg.verify_samples)
+        ref_out = outputs(lambda b: call(ref, b), batches)
+        agree = compare(ref, sess, batches, ref_out)
         agree["integer_kernels_emulated"] = ref.meta.get("qc.integer_kernels", 0)
         agree["inputs"] = program.verify_source
         checks = program.checks
@@ -258,7 +258,7 @@ class VerifyOrt(Pass):
         top1 = agree.get("top1_agreement")
         strict = not ((top1 is not None and top1 < cfg.min_agreement) or not agree["worst_error"] <= cfg.max_error)
         if not strict and not kernels["unmodelled"]:
-            agree["noise_floor"] = floor = noise_floor(ref, take_samples(program.verify, cfg.verify_samples))
+            agree["noise_floor"] = floor = noise_floor(ref, batches, ref_out)
             strict = within_noise(agree, floor, cfg)
             agree["accepted_by"] = "noise floor" if strict else None
         if not strict:

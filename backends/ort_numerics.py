@@ -228,6 +228,22 @@ def _act_quantizer(gm: fx.GraphModule, node: object) -> nn.Module | None:
     return None
 
 
+def _weight(gm: fx.GraphModule, w: object) -> tuple[nn.Module | None, torch.Tensor | None]:
+    """The weight quantizer at ``w`` and the parameter it reads; (None, None) if ``w`` is no quantized weight."""
+    if not (isinstance(w, fx.Node) and w.meta.get("qc.quantizer") == "weight"):
+        return None, None
+    return gm.get_submodule(str(w.target)), registry.get_tensor(gm, str(w.args[0].target))
+
+
+def _install(gm: fx.GraphModule, node: fx.Node, name: str, kernel: nn.Module, inputs: tuple) -> fx.Node:
+    """Put ``kernel`` (reading ``inputs``) in ``node``'s place; returns its node."""
+    gm.add_submodule(name, kernel)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, inputs)
+    node.replace_all_uses_with(new)
+    return new
+
+
 def _kernel_for(gm: fx.GraphModule, src: fx.Node, out_q: nn.Module, lo: int, hi: int
                 ) -> tuple[nn.Module, tuple] | None:
     """The integer kernel ORT fuses ``src`` and its output quantizer into, with its inputs; or None."""
@@ -253,20 +269,17 @@ def _kernel_for(gm: fx.GraphModule, src: fx.Node, out_q: nn.Module, lo: int, hi:
         if other_q is None:
             return None
         return QLinearKernel("matmul", {}, in_q, out_q, lo, hi, other_q=other_q), (a["input"], a["other"])
-    w, b = a["weight"], a.get("bias")
-    if not (isinstance(w, fx.Node) and w.meta.get("qc.quantizer") == "weight"):
-        return None
-    if b is not None and not (isinstance(b, fx.Node) and b.meta.get("qc.quantizer") == "bias"):
+    w_q, weight = _weight(gm, a["weight"])
+    b = a.get("bias")
+    if w_q is None or (b is not None and not (isinstance(b, fx.Node) and b.meta.get("qc.quantizer") == "bias")):
         return None
     call = {}
     if kind == "conv":
         call = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
-    weight = registry.get_tensor(gm, str(w.args[0].target))
     b_q = bias = None
     if b is not None:
         b_q, bias = gm.get_submodule(str(b.target)), registry.get_tensor(gm, str(b.args[0].target))
-    kernel = QLinearKernel(kind, call, in_q, out_q, lo, hi, gm.get_submodule(str(w.target)), weight, b_q, bias)
-    return kernel, (a["input"],)
+    return QLinearKernel(kind, call, in_q, out_q, lo, hi, w_q, weight, b_q, bias), (a["input"],)
 
 
 def _float_output_kernel(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, tuple] | None:
@@ -283,18 +296,17 @@ def _float_output_kernel(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, 
         other_q = _act_quantizer(gm, a["other"])
         return None if other_q is None else (IntegerToFloatKernel("matmul", in_q, other_q=other_q),
                                              (a["input"], a["other"]))
-    w, b = a["weight"], a.get("bias")
-    if not (isinstance(w, fx.Node) and w.meta.get("qc.quantizer") == "weight"):
+    w_q, weight = _weight(gm, a["weight"])
+    if w_q is None:
         return None
-    bias = None
+    b, bias = a.get("bias"), None
     if isinstance(b, fx.Node) and b.meta.get("qc.quantizer") == "bias":
         bias = gm.get_submodule(str(b.target))(registry.get_tensor(gm, str(b.args[0].target)))
     elif isinstance(b, fx.Node) and b.op == "get_attr":
         bias = registry.get_tensor(gm, str(b.target))
     elif b is not None:
         return None
-    weight = registry.get_tensor(gm, str(w.args[0].target))
-    return IntegerToFloatKernel("linear", in_q, gm.get_submodule(str(w.target)), weight, bias), (a["input"],)
+    return IntegerToFloatKernel("linear", in_q, w_q, weight, bias), (a["input"],)
 
 
 @torch.no_grad()
@@ -316,26 +328,16 @@ def integer_exact(gm: fx.GraphModule) -> fx.GraphModule:
         made = _kernel_for(gm, src, out_q, lo, hi) if isinstance(src, fx.Node) else None
         if made is None:
             continue
-        kernel, inputs = made
-        name = f"{node.target}_int"
-        gm.add_submodule(name, kernel)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, inputs)
+        new = _install(gm, node, f"{node.target}_int", *made)
         new.meta.update(node.meta)
         new.meta["qc.fused_quantizer"] = out_q
-        node.replace_all_uses_with(new)
         fused += 1
     gm.graph.eliminate_dead_code()
     for node in list(gm.graph.nodes):
         made = _float_output_kernel(gm, node)
         if made is None:
             continue
-        kernel, inputs = made
-        name = f"qc_int_to_float_{node.name}"
-        gm.add_submodule(name, kernel)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, inputs)
-        node.replace_all_uses_with(new)
+        _install(gm, node, f"qc_int_to_float_{node.name}", *made)
         gm.graph.erase_node(node)
         fused += 1
     gm.graph.eliminate_dead_code()
