@@ -30,6 +30,7 @@ import copy
 import io
 import logging
 import math
+import re
 
 import onnx
 import torch
@@ -218,6 +219,49 @@ def export_onnx(module: nn.Module, example_inputs: tuple | dict, translations: d
     return buf.getvalue()
 
 
+_TRANSLATING = re.compile(r"translating node %(\w+) .*?target=(?:torch\.ops\.)?([\w.]+)")
+
+
+def _op_key(name: str) -> str:
+    """An op's name without its namespace, overload, leading underscores and numeric suffix."""
+    parts = name.split(".")
+    base = parts[1] if len(parts) == 3 else parts[-1]
+    return re.sub(r"_\d+$", "", base.strip("_"))
+
+
+def export_failure(exc: BaseException, gm: fx.GraphModule) -> str:
+    """One line saying what broke an ONNX export: the op the exporter could not translate, the module
+    it came from, and the innermost reason.
+
+    The exporter names a node of its own re-traced graph; the node of ``gm`` it came from is the
+    first one whose name or target has the same op key (``_linalg_eigh`` and ``linalg_eigh_1`` have
+    ``linalg_eigh``), and its module is the innermost entry of that node's ``nn_module_stack``.
+    """
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 16:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    innermost = chain[-1]
+    lines = str(innermost).strip().splitlines()
+    reason = f"{type(innermost).__name__}: {lines[0] if lines else ''}"
+    found = next((m for m in (_TRANSLATING.search(str(x)) for x in chain) if m), None)
+    if found is None:
+        return reason
+    name, op = found.groups()
+    keys = {_op_key(name), _op_key(op)}
+    for node in gm.graph.nodes:
+        target = getattr(node.target, "__name__", str(node.target))
+        if node.op == "call_function" and keys & {_op_key(node.name), _op_key(str(node.target)), _op_key(target)}:
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            if not stack:
+                return f"{op} (node {node.name}) could not be translated: {reason}"
+            path, cls = stack[-1]
+            cls = getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1])
+            return f"{op} (node {node.name}, module {path or '(root)'} of type {cls}) could not be translated: {reason}"
+    return f"{op} could not be translated: {reason}"
+
+
 def strip_metadata(model: onnx.ModelProto) -> None:
     """Drop the exporter's per-node debug metadata (stack traces, fx nodes): a third of a small model."""
     for node in model.graph.node:
@@ -243,8 +287,7 @@ class LowerOnnxQdq(Pass):
         try:
             data = export_onnx(deploy, program.example_inputs, TRANSLATIONS, program.dynamic_dims)
         except Exception as exc:  # noqa: BLE001 - name what broke the export
-            raise LoweringError(f"ONNX export of {program.source} failed: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise LoweringError(f"ONNX export of {program.source} failed: {export_failure(exc, deploy)}") from exc
         program.lowered = Lowered(onnx_bytes=data, deploy_gm=deploy)
         stats["bytes"] = len(data)
         return PassResult(True, stats)

@@ -88,6 +88,45 @@ def test_model_neither_capture_path_can_take(tmp_path, capsys):
                           "untraceable.py:11")
 
 
+UNEXPORTABLE = """
+import torch
+from torch import nn
+
+class Spectrum(nn.Module):
+    def forward(self, y):
+        EXTRA
+        return torch.linalg.eigh(y.transpose(-1, -2) @ y)[0]  # no ONNX translation
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.block = Spectrum()
+
+    def forward(self, x):
+        return self.block(self.fc(x))
+
+def build():
+    return M().eval()
+
+def example_inputs():
+    return (torch.randn(8, 4),)
+
+def calibration_data():
+    return [(torch.randn(8, 4),) for _ in range(3)]
+"""
+
+
+@pytest.mark.parametrize("extra", ["pass", "y = y.clone(); y[:, 0] = y[:, 0] * 1.0  # symbolic_trace rejects this"])
+def test_onnx_export_failure_names_the_op_and_module(tmp_path, capsys, extra):
+    f = tmp_path / "unexportable.py"
+    f.write_text(UNEXPORTABLE.replace("EXTRA", extra))
+    out = tmp_path / "o.onnx"
+    code, err = run_cli([str(f), "-o", str(out)], capsys)
+    _assert_clean_failure(code, err, out, "ONNX export", "aten._linalg_eigh", "module block of type Spectrum",
+                          "could not be translated")
+
+
 def _npz(path: Path, images: np.ndarray) -> str:
     np.savez(path, images=images, labels=np.zeros(len(images), dtype=np.int64))
     return str(path)
