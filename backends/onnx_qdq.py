@@ -14,14 +14,17 @@ Rule: the deployed graph computes exactly what the fake-quant graph computes.
   rounding is monotone. The conv then feeds QuantizeLinear directly and fuses into an integer kernel.
 
 - A linear layer whose output is not requantized (its consumer computes in float) becomes
-  ``MatMul(x, W^T) + b`` with ``W^T`` dequantized per column, batched over the rows' leading
-  dimensions when ``linear_forms`` had flattened them (on a leading unit dimension otherwise).
+  ``MatMul(x, W^T) + b`` with ``W^T`` dequantized per column and ``b`` a float initializer holding
+  the int32 bias's dequantized values (so ORT can fold the Add into the LayerNorm or GELU after it),
+  batched over the rows' leading dimensions when ``linear_forms`` had flattened them (on a leading
+  unit dimension otherwise).
   ONNX Runtime runs that as ``MatMulIntegerToFloat`` (integer products, float output), while a
   ``Gemm`` without an output QuantizeLinear (and a 2-D MatMul + Add, which it fuses into one)
   stays a float Gemm.
 
 The graph is exported with ``torch.onnx.export`` (dynamo), the ``qc::`` ops translated to ONNX
-by ``qdq_modules.TRANSLATIONS``; every other op keeps its standard translation.
+by ``qdq_modules.TRANSLATIONS`` (and GELU in the operand order ONNX Runtime fuses into one kernel);
+every other op keeps its standard translation.
 """
 
 from __future__ import annotations
@@ -165,6 +168,10 @@ def _as_matmul(gm: fx.GraphModule, node: fx.Node) -> bool:
     gm.add_submodule(name, QdqConstant(wq.q.t().contiguous(), wq.scale, wq.zero_point, 1))
     flat = x is a["input"] and b is not None  # 2-D MatMul + Add: ORT would fuse them into a float Gemm
     with gm.graph.inserting_before(node):
+        if isinstance(b, fx.Node) and b.op == "call_module" and isinstance(gm.get_submodule(b.target), QdqConstant):
+            with torch.no_grad():  # added in float: its dequantized values, which ORT folds into the next kernel
+                gm.add_submodule(f"{b.target}_float", FloatConstant(gm.get_submodule(b.target)()))
+            b = gm.graph.call_module(f"{b.target}_float", ())
         if flat:
             x = gm.graph.call_function(torch.unsqueeze, (x, 0))
         out = gm.graph.call_function(torch.matmul, (x, gm.graph.call_module(name, ())))

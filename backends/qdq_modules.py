@@ -3,7 +3,8 @@
 ``qc::qdq`` (quantize, clamp to integer bounds, dequantize) and ``qc::dequantize`` are custom ops
 whose ONNX translations (:data:`TRANSLATIONS`) are ``QuantizeLinear -> [Clip] -> DequantizeLinear``
 and ``DequantizeLinear``; the modules below call them (or, for float-simulation targets, compute
-the same values with float operations).
+the same values with float operations). GELU gets a translation of its own, in the form ONNX
+Runtime fuses.
 """
 
 from __future__ import annotations
@@ -53,7 +54,22 @@ def _dequantize_onnx(q, scale, zero_point, axis: int):  # noqa: ANN001, ANN202
     return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
 
-TRANSLATIONS = {torch.ops.qc.qdq.default: _qdq_onnx, torch.ops.qc.dequantize.default: _dequantize_onnx}
+def _gelu_onnx(x, approximate: str = "none"):  # noqa: ANN001, ANN202
+    """GELU as ``(x * 0.5) * (1 + erf(x / sqrt 2))``, the operand order ONNX Runtime fuses into one
+    Gelu kernel (with the bias Add before it: BiasGelu); the exporter's ``0.5 * (1 + erf) * x``
+    stays five element-wise kernels. The tanh approximation as its formula."""
+    half = op.Mul(x, op.CastLike(op.Constant(value_float=0.5), x))
+    one = op.CastLike(op.Constant(value_float=1.0), x)
+    if approximate == "tanh":
+        cube = op.Mul(op.Mul(x, x), x)
+        inner = op.Add(x, op.Mul(op.CastLike(op.Constant(value_float=0.044715), x), cube))
+        return op.Mul(half, op.Add(one, op.Tanh(op.Mul(op.CastLike(op.Constant(value_float=0.7978845608028654), x),
+                                                       inner))))
+    return op.Mul(half, op.Add(op.Erf(op.Div(x, op.CastLike(op.Constant(value_float=1.4142135623730951), x))), one))
+
+
+TRANSLATIONS = {torch.ops.qc.qdq.default: _qdq_onnx, torch.ops.qc.dequantize.default: _dequantize_onnx,
+                torch.ops.aten.gelu.default: _gelu_onnx}
 
 
 class QdqActivation(nn.Module):

@@ -1,12 +1,14 @@
 """Compare compile settings on validation data: ORT top-1 on the model file's validation split.
 
-    python bench/tune.py [--model FILE.py] [--out FILE.md] "KEY=VALUE,KEY=VALUE" ... [--bits w8a8 ...]
+    python bench/tune.py [--model FILE.py] [--metric top1] [--out FILE.md] "KEY=VALUE,..." ... [--bits w8a8 ...]
 
 Each argument is one setting (compile options separated by commas; ``-`` for the defaults;
 ``weight_p=``, ``wide_weight_p=`` (weight grids of 7 bits or more) and ``act_p=`` set the range
 searches' exponents). Every cell is one compile evaluated
 in ONNX Runtime on ``evaluate(split="val")`` (CIFAR-10 calib5k images 1,024 on; imagenet-val's even
-rows), never on the set the README reports: defaults are chosen here.
+rows; MiniLM's standard-library docstring sentences), never on the set the README reports:
+defaults are chosen here. ``--metric`` names the figure of ``evaluate``'s result to print
+(MiniLM: ``cosine``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 from common import ROOT, compile_options, emit, quiet
 
 
-def measure(model_file: str, bits: str, **options) -> float:
-    """ORT top-1 on the validation split of one compile with ``options``."""
+def measure(model_file: str, bits: str, metric: str = "top1", **options) -> float:
+    """ORT ``metric`` on the validation split of one compile with ``options``."""
     import qcompiler
     from qcompiler.api import load_model_file
     from qcompiler.backends import ort as ob
@@ -37,23 +39,24 @@ def measure(model_file: str, bits: str, **options) -> float:
         for k, v in names.items():
             setattr(ranges, v, saved[k])
     with torch.no_grad():
-        return load_model_file(model_file).evaluate(ob.runner(ob.session(r.onnx_bytes)), split="val")["top1"]
+        return load_model_file(model_file).evaluate(ob.runner(ob.session(r.onnx_bytes)), split="val")[metric]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "models/resnet_cifar.py"))
     p.add_argument("--bits", nargs="+", default=["w8a8"], help="widths; put the settings before --bits")
+    p.add_argument("--metric", default="top1", help="the figure of evaluate()'s result to compare")
     p.add_argument("--out")
     p.add_argument("settings", nargs="+", help="KEY=VALUE,KEY=VALUE (or - for the defaults)")
     args = p.parse_args(argv)
     quiet()
-    lines = ["| model | bits | setting | ORT top-1 (validation) |", "|---|---|---|---|"]
+    lines = [f"| model | bits | setting | ORT {args.metric} (validation) |", "|---|---|---|---|"]
     for bits in args.bits:
         for setting in args.settings:
             opts = compile_options([o for o in setting.split(",") if o and o != "-"])
-            top1 = measure(args.model, bits, **opts)
-            lines.append(f"| {Path(args.model).stem} | {bits} | {setting} | {top1:.2f} |")
+            value = measure(args.model, bits, args.metric, **opts)
+            lines.append(f"| {Path(args.model).stem} | {bits} | {setting} | {value:.5g} |")
             print(lines[-1], flush=True)
     emit("\n".join(lines) + "\n", args.out)
     return 0

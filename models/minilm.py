@@ -16,7 +16,9 @@ with dynamic batch and sequence length.
 ``evaluate(run)``: the mean cosine between ``run``'s embeddings and the float model's, and the
 top-10 neighbour overlap: for each held-out sentence, the share of its 10 nearest held-out
 neighbours (cosine, itself excluded) under ``run`` that are also among its 10 nearest under the
-float model, averaged.
+float model, averaged. ``evaluate(run, split="val")`` (for tuning; never reported) measures the
+same on ``VALIDATION`` other sentences: the docstrings of standard-library modules, cut and
+filtered like the topics and shuffled with the same seed.
 
 This file is Python code: loading it as a model file executes it.
 """
@@ -32,12 +34,18 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["SentenceEmbedder", "build", "calibration_data", "dynamic_dims", "evaluate", "example_inputs",
-           "sentences", "verification_data"]
+           "sentences", "validation", "verification_data"]
 
 SEQ_LEN = 128
 CALIB = 512
 HELD_OUT = 1000
+VALIDATION = 1000
 NEIGHBOURS = 10
+#: Standard-library modules whose docstrings give the validation sentences.
+DOC_MODULES = ("argparse", "collections", "configparser", "contextlib", "csv", "dataclasses", "datetime", "decimal",
+               "difflib", "email", "enum", "fractions", "functools", "heapq", "inspect", "ipaddress", "itertools",
+               "json", "logging", "os", "pathlib", "pickle", "random", "re", "shutil", "statistics", "string",
+               "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest", "uuid", "zipfile")
 
 
 def model_dir() -> str:
@@ -70,20 +78,25 @@ def build() -> nn.Module:
     return SentenceEmbedder(AutoModel.from_pretrained(model_dir(), local_files_only=True)).eval()
 
 
-@functools.cache
-def sentences() -> tuple[str, ...]:
-    """The documentation sentences in their fixed shuffled order (calibration first, then held-out)."""
-    from pydoc_data.topics import topics
-
+def _cut(texts: list[str]) -> list[str]:
+    """The sentences of ``texts`` kept by the module docstring's filter, de-duplicated, sorted and shuffled."""
     found = set()
-    for key in sorted(topics):
-        text = re.sub(r"\s+", " ", topics[key])
-        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+    for text in texts:
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", re.sub(r"\s+", " ", text)):
             s = s.strip()
             if 40 <= len(s) <= 400 and sum(c.isalpha() for c in s) > 0.7 * len(s) and not s.startswith(">>>"):
                 found.add(s)
     out = sorted(found)
     random.Random(0).shuffle(out)
+    return out
+
+
+@functools.cache
+def sentences() -> tuple[str, ...]:
+    """The documentation sentences in their fixed shuffled order (calibration first, then held-out)."""
+    from pydoc_data.topics import topics
+
+    out = _cut([topics[key] for key in sorted(topics)])
     if len(out) < CALIB + HELD_OUT:
         raise RuntimeError(f"pydoc_data.topics gave {len(out)} sentences, fewer than {CALIB + HELD_OUT}")
     return tuple(out)
@@ -133,21 +146,53 @@ def held_out() -> tuple[str, ...]:
     return sentences()[CALIB:CALIB + HELD_OUT]
 
 
+@functools.cache
+def validation() -> tuple[str, ...]:
+    """``VALIDATION`` sentences of standard-library docstrings (modules ``DOC_MODULES``, their public
+    functions and classes and the classes' methods) that are not among ``sentences()``."""
+    import importlib
+    import inspect
+
+    docs = []
+    for name in DOC_MODULES:
+        mod = importlib.import_module(name)
+        docs.append(mod.__doc__ or "")
+        for attr in sorted(vars(mod)):
+            obj = vars(mod)[attr]
+            if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            docs.append(inspect.getdoc(obj) or "")
+            if inspect.isclass(obj):
+                docs += [inspect.getdoc(m) or "" for k, m in sorted(vars(obj).items())
+                         if not k.startswith("_") and inspect.isfunction(m)]
+    taken = set(sentences())
+    out = [s for s in _cut(docs) if s not in taken]
+    if len(out) < VALIDATION:
+        raise RuntimeError(f"the standard library's docstrings gave {len(out)} sentences, fewer than {VALIDATION}")
+    return tuple(out[:VALIDATION])
+
+
 def verification_data(verify_num: int = 256, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``verify_num`` held-out sentences (inputs calibration never saw)."""
     return _batches(held_out()[:verify_num], batch)
 
 
-def embed(run, batch: int = 64) -> torch.Tensor:  # noqa: ANN001 - run: batch -> embeddings
-    """``run``'s embeddings of the held-out sentences."""
+def _texts(split: str) -> tuple[str, ...]:
+    if split not in ("held_out", "val"):
+        raise ValueError(f"unknown split {split!r}; choose held_out or val")
+    return held_out() if split == "held_out" else validation()
+
+
+def embed(run, batch: int = 64, split: str = "held_out") -> torch.Tensor:  # noqa: ANN001 - run: batch -> embeddings
+    """``run``'s embeddings of the held-out (or validation) sentences."""
     with torch.no_grad():
-        return torch.cat([torch.as_tensor(run(b)).float() for b in _batches(held_out(), batch)])
+        return torch.cat([torch.as_tensor(run(b)).float() for b in _batches(_texts(split), batch)])
 
 
 @functools.cache
-def _float_embeddings() -> torch.Tensor:
+def _float_embeddings(split: str = "held_out") -> torch.Tensor:
     model = build()
-    return embed(lambda b: model(*b))
+    return embed(lambda b: model(*b), split=split)
 
 
 def neighbours(e: torch.Tensor, k: int = NEIGHBOURS) -> torch.Tensor:
@@ -166,6 +211,7 @@ def compare(e: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"cosine": round(float(cos), 5), "top10_overlap": round(float(overlap), 4), "sentences": len(e)}
 
 
-def evaluate(run) -> dict[str, float]:  # noqa: ANN001 - run: batch -> embeddings
-    """``run`` on the held-out sentences against the float model (module docstring)."""
-    return compare(embed(run), _float_embeddings())
+def evaluate(run, split: str = "held_out") -> dict[str, float]:  # noqa: ANN001 - run: batch -> embeddings
+    """``run`` on the held-out (or, for tuning, the validation) sentences against the float model
+    (module docstring)."""
+    return compare(embed(run, split=split), _float_embeddings(split))

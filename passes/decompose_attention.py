@@ -2,9 +2,11 @@
 
 Rule: ``scaled_dot_product_attention(q, k, v, mask, is_causal, scale)`` (in eval, without dropout)
 becomes ``softmax(masked(matmul(q * scale, k^T))) @ v``, with ``scale = 1 / sqrt(head dim)`` when not
-given, ``masked`` adding a float mask or filling ``-inf`` where a boolean mask (or the causal
-triangle) is False. The two products are then ordinary activation matmuls, which the target may
-quantize like any compute op. Attention with dropout or grouped-query heads is left as it is.
+given, ``masked`` filling ``-inf`` over the causal triangle and adding the mask as a bias: a float
+mask as it is, a boolean one as 0 where True and ``-inf`` where False, converted once per mask
+however many attention ops read it (adding is what the filling amounts to, and cheaper to run
+than a select per layer). The two products are then ordinary activation matmuls, which the target
+may quantize like any compute op. Attention with dropout or grouped-query heads is left as it is.
 """
 
 from __future__ import annotations
@@ -23,15 +25,20 @@ from qcompiler.ir.program import Program
 log = logging.getLogger("qcompiler.decompose_attention")
 
 
-def masked_scores(scores: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-    """Attention scores with the causal triangle and ``mask`` applied as scaled_dot_product_attention does."""
+def mask_as_bias(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean attention mask as an additive bias (0 where True, ``-inf`` where False); a float mask as it is."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(mask.logical_not(), float("-inf"))
+
+
+def masked_scores(scores: torch.Tensor, bias: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Attention scores with the causal triangle filled with ``-inf`` and ``bias`` (``mask_as_bias``) added."""
     if is_causal:
         n, m = scores.shape[-2], scores.shape[-1]
         keep = torch.ones(n, m, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(keep.logical_not(), float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(mask.logical_not(), float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return scores
+    return scores if bias is None else scores + bias
 
 
 def _head_dim(q: fx.Node) -> int | None:
@@ -50,9 +57,20 @@ class DecomposeAttention(Pass):
     def requires(self, program: Program) -> None:
         require_graph(program, self.name)
 
+    @staticmethod
+    def _bias(g: fx.Graph, mask: object, biases: dict) -> object:
+        """The additive form of ``mask``, made once right after the mask node."""
+        if not isinstance(mask, fx.Node):
+            return mask_as_bias(mask) if isinstance(mask, torch.Tensor) else mask
+        if mask not in biases:
+            with g.inserting_after(mask):
+                biases[mask] = g.call_function(mask_as_bias, (mask,))
+        return biases[mask]
+
     def run(self, program: Program) -> PassResult:
         gm = program.gm
         done = kept = 0
+        biases: dict[fx.Node, fx.Node] = {}  # mask -> its additive form, shared by every reader
         for node in list(gm.graph.nodes):
             if registry.kind(node, gm) != "attention":
                 continue
@@ -68,7 +86,8 @@ class DecomposeAttention(Pass):
                 kt = g.call_function(torch.transpose, (a["key"], -2, -1))
                 scores = g.call_function(torch.matmul, (q, kt))
                 if a["attn_mask"] is not None or a["is_causal"]:
-                    scores = g.call_function(masked_scores, (scores, a["attn_mask"], bool(a["is_causal"])))
+                    scores = g.call_function(masked_scores, (scores, self._bias(g, a["attn_mask"], biases),
+                                                             bool(a["is_causal"])))
                 probs = g.call_function(torch.softmax, (scores, -1))
                 out = g.call_function(torch.matmul, (probs, a["value"]))
             out.meta.update({k: v for k, v in node.meta.items() if k == "val"})

@@ -39,6 +39,8 @@ def _check(zoo, arch: str) -> None:
     if arch in ATTENTION:  # both attention products of every layer run as integer kernels
         attention = counts["QLinearMatMul"] + counts["MatMulIntegerToFloat"]
         assert attention >= 2 * ATTENTION[arch], counts
+        assert counts.get("Where", 0) <= 1, counts  # a boolean mask becomes a bias once, not a select per layer
+    assert not counts.get("Erf"), counts  # GELU runs as ORT's one fused kernel, not five element-wise ones
     # ORT and the fake-quant model agree on fresh inputs, not only on the compile's own check
     fresh = zoo._batch(arch, 8, torch.Generator().manual_seed(11))
     sess = ort_backend.session(r.onnx_bytes)

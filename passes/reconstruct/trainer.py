@@ -77,6 +77,9 @@ def train_unit(recon: ReconConfig, seed: int, gm: fx.GraphModule, sub: fx.GraphM
     for q in acts:
         q.drop_prob = p
         q.drop_masks = masks
+    # Inputs both streams agree on (nothing quantized upstream: masks, positions) are not mixed:
+    # mixing would gain nothing and turn their infinities into NaN.
+    fp_in = [None if torch.equal(f, q) else f for f, q in zip(fp_in, q_in, strict=True)]
     n = fp_out.shape[0]
     probe = max(1, min(25, recon.iters // 10))  # the estimate times iterations probe..2*probe
     bar = tqdm(range(recon.iters), desc=unit.name, unit="it", leave=False,
@@ -119,18 +122,19 @@ def train_unit(recon: ReconConfig, seed: int, gm: fx.GraphModule, sub: fx.GraphM
     return conv
 
 
-def backward_batch(sub: fx.GraphModule, fp_in: list[torch.Tensor], q_in: list[torch.Tensor], fp_out: torch.Tensor,
-                   idx: torch.Tensor, micro_batch: int, p: float, masks: MaskPool | None,
+def backward_batch(sub: fx.GraphModule, fp_in: list[torch.Tensor | None], q_in: list[torch.Tensor],
+                   fp_out: torch.Tensor, idx: torch.Tensor, micro_batch: int, p: float, masks: MaskPool | None,
                    reg: Callable[[], torch.Tensor | None]) -> torch.Tensor:
     """Backpropagate the mean loss over rows ``idx`` plus ``reg()``, ``micro_batch`` rows at a time
-    (each micro-batch's loss weighted by its share of the rows); returns the loss, detached.
-    ``reg`` is called after the last micro-batch's forward (a quantizer may compute its
-    regulariser in its forward)."""
+    (each micro-batch's loss weighted by its share of the rows); returns the loss, detached. An
+    input whose float stream is None is read from the quantized stream alone. ``reg`` is called
+    after the last micro-batch's forward (a quantizer may compute its regulariser in its forward)."""
     parts = idx.split(micro_batch)
     total = torch.zeros(())
     for j, part in enumerate(parts):
-        xs = [qdrop_mix(take_rows(f, part), take_rows(q, part), p, masks) if f.is_floating_point()
-              else take_rows(q, part) for f, q in zip(fp_in, q_in, strict=True)]
+        xs = [take_rows(q, part) if f is None or not f.is_floating_point()
+              else qdrop_mix(take_rows(f, part), take_rows(q, part), p, masks)
+              for f, q in zip(fp_in, q_in, strict=True)]
         loss = rec_loss(sub(*xs)[0], take_rows(fp_out, part))
         if len(parts) > 1:
             loss = loss * (len(part) / len(idx))
