@@ -3,7 +3,8 @@
     python bench/minilm.py [KEY=VALUE ...] [--rows w8a8 w4a8 ...] [--rounds 10] [--out bench/results/minilm.md]
 
 Rows: the float model exported to ONNX; qcompiler at each ``--rows`` width (rtn, or
-``BITS:METHOD`` such as ``w4a8:adaround``), with the KEY=VALUE compile options; ONNX Runtime's
+``BITS:METHOD`` such as ``w4a8:adaround``; ``,KEY=VALUE`` after it adds options to that row alone,
+as in ``w8a8,split_outliers=0.03``), with the KEY=VALUE compile options; ONNX Runtime's
 ``quantize_dynamic`` (its defaults: int8 weights per tensor, activations quantized per batch at
 run time) and ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax,
 calibrated on the same 512 sentences). Per row, on the 1,000 held-out sentences of
@@ -82,12 +83,13 @@ def main() -> None:
     float_bytes = export_onnx(model, minilm.example_inputs(), None, minilm.dynamic_dims())
     models: dict[str, bytes | str] = {"float (ONNX)": float_bytes}
     for row in args.rows:
-        bits, _, method = row.partition(":")
-        name = f"qcompiler {bits} {method or 'rtn'}"
+        spec, *extra = row.split(",")
+        bits, _, method = spec.partition(":")
+        name = f"qcompiler {bits} {method or 'rtn'}" + "".join(f", {e}" for e in extra)
         t = time.perf_counter()
         try:
             res = qcompiler.compile(str(ROOT / "models" / "minilm.py"), bits=bits, method=method or "rtn",
-                                    **compile_options(args.options))
+                                    **compile_options(args.options + extra))
             models[name] = res.onnx_bytes
             print(f"{name}: compiled in {time.perf_counter() - t:.0f} s, ORT check {res.checks['agreement']}",
                   flush=True)

@@ -4,7 +4,7 @@
 
 Each argument is one setting (compile options separated by commas; ``-`` for the defaults;
 ``weight_p=``, ``wide_weight_p=`` (weight grids of 7 bits or more) and ``act_p=`` set the range
-searches' exponents). Every cell is one compile evaluated
+searches' exponents; ``model_arg.NAME=`` passes a model-file argument). Every cell is one compile evaluated
 in ONNX Runtime on ``evaluate(split="val")`` (CIFAR-10 calib5k images 1,024 on; imagenet-val's even
 rows; MiniLM's standard-library docstring sentences), never on the set the README reports:
 defaults are chosen here. ``--metric`` names the figure of ``evaluate``'s result to print
@@ -33,8 +33,9 @@ def measure(model_file: str, bits: str, metric: str = "top1", **options) -> floa
     saved = {k: getattr(ranges, v) for k, v in names.items()}
     for k, v in names.items():
         setattr(ranges, v, options.pop(k, saved[k]))
+    model_args = {k.split(".", 1)[1]: options.pop(k) for k in list(options) if k.startswith("model_arg.")}
     try:
-        r = qcompiler.compile(model_file, bits=bits, **options)
+        r = qcompiler.compile(model_file, bits=bits, model_args=model_args, **options)
     finally:
         for k, v in names.items():
             setattr(ranges, v, saved[k])

@@ -8,7 +8,8 @@ from qcompiler.passes.linear_forms import LinearForms
 from qcompiler.passes.mrecg import Mrecg
 from qcompiler.passes.partition import Partition
 from qcompiler.passes.reconstruct import Reconstruct
+from qcompiler.passes.split_outliers import SplitOutliers
 from qcompiler.passes.trace import Trace
 
 __all__ = ["Calibrate", "DecomposeAttention", "FoldBatchNorm", "InsertQuantizers", "LinearForms", "Mrecg", "Partition",
-           "Reconstruct", "Trace"]
+           "Reconstruct", "SplitOutliers", "Trace"]

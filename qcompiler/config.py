@@ -89,12 +89,17 @@ class QuantConfig:
     percentile: float = knob(99.99, "percentile of --a-init percentile")
     overrides: dict[str, str] = knob({}, "per-layer bits for layers whose name matches the glob PATTERN (repeatable)",
                                      aliases=(("--override", None),), metavar="PATTERN=wNaM")
+    split_outliers: float = knob(0.0, "split the largest input channels of linear layers into equal copies (weights "
+                                      "repeated), up to this share of extra channels, so that per-tensor activation "
+                                      "steps are not sized by a few outlier channels (0: off)", metavar="SHARE")
     keep_float: list[str] = knob([], "keep the layers whose name matches the glob PATTERN in float: no quantizer on "
                                      "their weights or inputs (repeatable)", metavar="PATTERN")
     seed: int = knob(0, "random seed")
 
     def __post_init__(self) -> None:
         parse_bits(self.bits)
+        if not 0.0 <= self.split_outliers < 1.0:
+            raise ConfigError(f"--split-outliers {self.split_outliers}: a share of extra channels in [0, 1)")
         if any(not p for p in self.keep_float):
             raise ConfigError("--keep-float needs a layer-name pattern, as in encoder.layer.0.*")
         _choice("weight init", self.w_init, WEIGHT_INITS)

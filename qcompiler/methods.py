@@ -18,8 +18,8 @@ from types import MappingProxyType
 from typing import Any
 
 #: Capture, canonical forms (attention as matmuls, parameter products as linear layers), BatchNorm
-#: folding, quantizer insertion and calibration: round to nearest.
-RTN = ("trace", "decompose_attention", "linear_forms", "fold_bn", "insert_quantizers", "calibrate")
+#: folding, outlier channels split (when asked), quantizer insertion and calibration: round to nearest.
+RTN = ("trace", "decompose_attention", "linear_forms", "fold_bn", "split_outliers", "insert_quantizers", "calibrate")
 #: Then reconstruction unit by unit (units merged by MRECG when the granularity asks for it);
 #: activations it did not learn are calibrated again after it.
 RECONSTRUCTION = (*RTN, "partition", "mrecg", "reconstruct", "recalibrate")

@@ -51,11 +51,12 @@ def pass_table() -> dict[str, Callable[[], Pass]]:
         Mrecg,
         Partition,
         Reconstruct,
+        SplitOutliers,
         Trace,
     )
 
     return {"trace": Trace, "decompose_attention": DecomposeAttention, "linear_forms": LinearForms,
-            "fold_bn": FoldBatchNorm, "insert_quantizers": InsertQuantizers,
+            "fold_bn": FoldBatchNorm, "split_outliers": SplitOutliers, "insert_quantizers": InsertQuantizers,
             "calibrate": Calibrate, "partition": Partition, "mrecg": Mrecg, "reconstruct": Reconstruct,
             "recalibrate": lambda: Calibrate(weights=False)}
 
