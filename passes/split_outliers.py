@@ -4,8 +4,8 @@ Rule: for every tensor that linear layers read (directly, or as its rows ``flatt
 take each channel's largest magnitude over the calibration batches. With a budget of
 ``ceil(split_outliers * C)`` extra channels, give one more copy, again and again, to the channel
 whose copies are the largest, until the budget is spent or no copy exceeds twice the median
-channel. The readers then read ``split_channels(x, index, scale) = x[..., index] * scale`` (every
-channel, then the extra copies; a channel in ``n`` copies is scaled by ``1 / n``), and each
+channel. The readers then read ``split_channels(x, ...) = x[..., index] * scale`` with ``index``
+every channel, then the extra copies, and a channel in ``n`` copies scaled by ``1 / n``, and each
 reader's weight repeats the same columns, ``W[:, index]``: ``n`` copies of ``x / n`` times the
 same column give the same product, while a per-tensor activation step sized by the largest
 channel shrinks by the split. The weights keep their values (per-channel scales migrated into
@@ -33,9 +33,12 @@ from qcompiler.ir.program import Program, call
 log = logging.getLogger("qcompiler.split_outliers")
 
 
-def split_channels(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x``'s last-dimension channels picked by ``index`` (copies included), each times its ``scale``."""
-    return x.index_select(-1, index) * scale
+def split_channels(x: torch.Tensor, extra: torch.Tensor, scale: torch.Tensor, extra_scale: torch.Tensor
+                   ) -> torch.Tensor:
+    """``x`` times ``scale`` per channel, followed by the channels ``extra`` picks (the copies) times
+    ``extra_scale``: ``x[..., index] * scale`` with ``index = [0, ..., C - 1] + extra``, without
+    gathering the whole tensor (a last-axis gather is an element-wise copy in ORT)."""
+    return torch.cat([x * scale, x.index_select(-1, extra) * extra_scale], -1)
 
 
 def copies(absmax: torch.Tensor, budget: int) -> list[int]:
@@ -141,11 +144,12 @@ class SplitOutliers(Pass):
                 continue
             index = torch.tensor(list(range(len(n))) + [k for k, c in enumerate(n) for _ in range(c - 1)])
             scale = torch.tensor([1.0 / n[k] for k in index.tolist()])
-            self._rewire(gm, src, readers, index, scale, f"qc_split{i}")
+            self._rewire(gm, src, readers, index, scale, len(n), f"qc_split{i}")
             tensors += 1
             extra += len(index) - len(n)
-            log.info("%s: %d channel(s) split into %d extra copies (largest channel %.3g, now %.3g)", src.name,
-                     sum(c > 1 for c in n), len(index) - len(n), float(absmax.max()),
+            log.info("%s: %d channel(s) split into %d extra copies (largest channel %.3g, median channel %.3g, "
+                     "largest copy now %.3g)", src.name, sum(c > 1 for c in n), len(index) - len(n),
+                     float(absmax.max()), float(absmax.median()),
                      float((absmax / torch.tensor(n, dtype=absmax.dtype)).max()))
         gm.graph.lint()
         gm.recompile()
@@ -153,16 +157,19 @@ class SplitOutliers(Pass):
 
     @staticmethod
     def _rewire(gm: fx.GraphModule, src: fx.Node, readers: list, index: torch.Tensor, scale: torch.Tensor,
-                name: str) -> None:
-        gm.register_buffer(f"{name}_index", index)
-        gm.register_buffer(f"{name}_scale", scale)
+                channels: int, name: str) -> None:
+        """Readers of ``src`` read ``split_channels`` of it (``index`` is ``[0, ..., channels - 1]`` and
+        the copies), their weights' columns repeated as ``index`` says."""
+        buffers = {"extra": index[channels:], "scale": scale[:channels], "extra_scale": scale[channels:]}
         g = gm.graph
-        with g.inserting_after(src):
-            idx = g.get_attr(f"{name}_index")
-        with g.inserting_after(idx):
-            sc = g.get_attr(f"{name}_scale")
-        with g.inserting_after(sc):
-            split = g.call_function(split_channels, (src, idx, sc))
+        args, at = [src], src
+        for key, value in buffers.items():
+            gm.register_buffer(f"{name}_{key}", value.contiguous())
+            with g.inserting_after(at):
+                at = g.get_attr(f"{name}_{key}")
+            args.append(at)
+        with g.inserting_after(at):
+            split = g.call_function(split_channels, tuple(args))
         for linear, via in readers:
             target = _weight_target(linear, gm)
             w = registry.get_tensor(gm, target)

@@ -143,3 +143,23 @@ def test_float_output_linears_run_as_matmul_integer_to_float_equal_to_fake_quant
     gm = r.program.gm
     for add in (n for n in gm.graph.nodes if registry.kind(n, gm) == "add"):
         assert not any(a.meta.get("qc.quantizer") == "act" for a in add.all_input_nodes), add.format_node()
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_translation_computes_gelu_and_fuses(approximate):
+    """GELU's own ONNX form: ORT's fused kernel (erf form) or the formula (tanh) equal torch's GELU."""
+    from qcompiler.backends import ort as ob
+    from qcompiler.backends.onnx_qdq import export_onnx
+    from qcompiler.backends.qdq_modules import TRANSLATIONS
+
+    class Gelu(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.gelu(x * 1.5 + 0.25, approximate=approximate)
+
+    x = torch.linspace(-8, 8, 4001).reshape(1, -1)
+    data = export_onnx(Gelu(), (x,), TRANSLATIONS)
+    got = torch.from_numpy(ob.session(data).run(None, {"x": x.numpy()})[0])
+    assert torch.allclose(got, Gelu()(x), atol=1e-5)
+    if approximate == "none":
+        counts = ob.optimized_op_counts(data)
+        assert not counts.get("Erf") and counts.get("BiasGelu", 0) + counts.get("Gelu", 0) == 1, counts

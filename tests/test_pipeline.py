@@ -139,7 +139,8 @@ def test_main_command_under_60s_and_report(tmp_path):
     report = json.loads((rep / "report.json").read_text())
     assert report["checks"]["integer_kernels"]["ok"] and report["capture"]["path"] == "symbolic_trace"
     assert [r["pass"] for r in report["passes"]] == ["trace", "decompose_attention", "linear_forms", "fold_bn",
-                                                    "insert_quantizers", "calibrate", "lower_onnx_qdq", "verify_ort"]
+                                                    "split_outliers", "insert_quantizers", "calibrate",
+                                                    "lower_onnx_qdq", "verify_ort"]
     assert "integer kernels" in (rep / "summary.md").read_text()
     assert "wrote" in proc.stdout
 
