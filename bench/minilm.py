@@ -4,7 +4,8 @@
 
 Rows: the float model exported to ONNX; qcompiler at each ``--rows`` width (rtn, or
 ``BITS:METHOD`` such as ``w4a8:adaround``; ``,KEY=VALUE`` after it adds options to that row alone,
-as in ``w8a8,split_outliers=0.03``), with the KEY=VALUE compile options; ONNX Runtime's
+as in ``w8a8,split_outliers=0.03``, and ``model_arg.NAME=VALUE`` a model-file argument, as the
+reconstruction rows' ``model_arg.padding=max_length``), with the KEY=VALUE compile options; ONNX Runtime's
 ``quantize_dynamic`` (its defaults: int8 weights per tensor, activations quantized per batch at
 run time) and ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax,
 calibrated on the same 512 sentences). Per row, on the 1,000 held-out sentences of
@@ -87,9 +88,11 @@ def main() -> None:
         bits, _, method = spec.partition(":")
         name = f"qcompiler {bits} {method or 'rtn'}" + "".join(f", {e}" for e in extra)
         t = time.perf_counter()
+        opts = compile_options(args.options + extra)
+        model_args = {k.split(".", 1)[1]: opts.pop(k) for k in list(opts) if k.startswith("model_arg.")}
         try:
             res = qcompiler.compile(str(ROOT / "models" / "minilm.py"), bits=bits, method=method or "rtn",
-                                    **compile_options(args.options + extra))
+                                    model_args=model_args, **opts)
             models[name] = res.onnx_bytes
             print(f"{name}: compiled in {time.perf_counter() - t:.0f} s, ORT check {res.checks['agreement']}",
                   flush=True)
