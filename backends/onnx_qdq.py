@@ -160,9 +160,9 @@ def _as_matmul(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not (isinstance(w, fx.Node) and w.op == "call_module" and isinstance(gm.get_submodule(w.target), QdqConstant)):
         return False
     x, result = a["input"], node
-    rows = isinstance(x, fx.Node) and x.target is torch.flatten and tuple(x.args[1:]) == (0, -2)
-    if rows and len(node.users) == 1 and next(iter(node.users)).target is torch.unflatten:
-        x, result = x.args[0], next(iter(node.users))  # a batched MatMul keeps the rows' shape
+    rows = registry.rows_of(x)
+    if rows is not None and len(node.users) == 1 and next(iter(node.users)).target is torch.unflatten:
+        x, result = rows, next(iter(node.users))  # a batched MatMul keeps the rows' shape
     wq = gm.get_submodule(w.target)
     name = f"{w.target}_t"
     gm.add_submodule(name, QdqConstant(wq.q.t().contiguous(), wq.scale, wq.zero_point, 1))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from qcompiler.errors import CalibrationDataError, PostconditionError, PreconditionError
 from qcompiler.ir import registry
 from qcompiler.ir.passes import Pass, PassResult, require_graph
-from qcompiler.ir.program import Program, call, check_calibration
+from qcompiler.ir.program import Program, check_calibration, run_calibration
 
 log = logging.getLogger("qcompiler.calibrate")
 
@@ -59,14 +59,8 @@ class Calibrate(Pass):
             q.mode = "observe"
             q.observer = None
         torch.manual_seed(cfg.seed)
-        with torch.no_grad():
-            for batch in tqdm(program.calib, desc=self.name, unit="batch", leave=False,
-                              disable=not log.isEnabledFor(logging.INFO)):
-                try:
-                    call(gm, batch)
-                except Exception as exc:  # noqa: BLE001 - report which data broke the model
-                    raise CalibrationDataError(f"{program.source}: the model failed on a calibration batch: "
-                                               f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        run_calibration(gm, program, tqdm(program.calib, desc=self.name, unit="batch", leave=False,
+                                          disable=not log.isEnabledFor(logging.INFO)))
         for node, q in zip(program.quantizer_nodes("act"), acts, strict=True):
             try:
                 q.init_from_observer(cfg.a_init, cfg.percentile)

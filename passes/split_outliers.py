@@ -25,10 +25,9 @@ import math
 import torch
 from torch import fx
 
-from qcompiler.errors import CalibrationDataError
 from qcompiler.ir import registry
 from qcompiler.ir.passes import Pass, PassResult, require_graph
-from qcompiler.ir.program import Program, call
+from qcompiler.ir.program import Program, run_calibration
 
 log = logging.getLogger("qcompiler.split_outliers")
 
@@ -73,7 +72,7 @@ def _readers(src: fx.Node, gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]] 
     for user in src.users:
         if registry.kind(user, gm) == "linear" and registry.input_of(user) is src:
             out.append((user, user))
-        elif user.target is torch.flatten and tuple(user.args[1:]) == (0, -2) and user.users and \
+        elif registry.rows_of(user) is src and user.users and \
                 all(registry.kind(u, gm) == "linear" and registry.input_of(u) is user for u in user.users):
             out += [(u, user) for u in user.users]
     if not out or any(_weight_target(lin, gm) is None for lin, _ in out):
@@ -95,13 +94,7 @@ def channel_absmax(gm: fx.GraphModule, nodes: list[fx.Node], program: Program) -
             probes.append(gm.graph.call_function(record, (node, i)))
     gm.recompile()
     try:
-        with torch.no_grad():
-            for batch in program.calib:
-                try:
-                    call(gm, batch)
-                except Exception as exc:  # noqa: BLE001 - report which data broke the model
-                    raise CalibrationDataError(f"{program.source}: the model failed on a calibration batch: "
-                                               f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        run_calibration(gm, program)
     finally:
         for p in probes:
             gm.graph.erase_node(p)
@@ -126,8 +119,7 @@ class SplitOutliers(Pass):
         for node in gm.graph.nodes:
             if registry.kind(node, gm) == "linear" and node.op in ("call_function", "call_module"):
                 src = registry.input_of(node)
-                if isinstance(src, fx.Node) and src.target is torch.flatten and tuple(src.args[1:]) == (0, -2):
-                    src = src.args[0]
+                src = registry.rows_of(src) or src
                 if isinstance(src, fx.Node) and src not in sources:
                     sources[src] = _readers(src, gm)
         sources = {s: r for s, r in sources.items() if r}

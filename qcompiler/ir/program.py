@@ -205,6 +205,20 @@ def _shapes(batch: Batch) -> list[tuple[str, torch.Tensor]]:
     return [(str(k), v) for k, v in items if isinstance(v, torch.Tensor)]
 
 
+def run_calibration(module: nn.Module, program: Program, batches: Any = None) -> None:
+    """Run ``module`` without gradients on ``batches`` (default: the calibration batches, which a
+    progress bar may wrap); a batch the model fails on is a CalibrationDataError naming the model."""
+    from qcompiler.errors import CalibrationDataError
+
+    with torch.no_grad():
+        for batch in program.calib if batches is None else batches:
+            try:
+                call(module, batch)
+            except Exception as exc:  # noqa: BLE001 - report which data broke the model
+                raise CalibrationDataError(f"{program.source}: the model failed on a calibration batch: "
+                                           f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
+
 def check_calibration(calib: list[Batch], example_inputs: tuple | dict, what: str = "calibration",
                       dims: dict | None = None) -> None:
     """Reject calibration (or verification) data that is empty, not finite, or shaped unlike the

@@ -189,6 +189,14 @@ def view_source(node: object, gm: fx.GraphModule) -> object:
     return node
 
 
+def rows_of(node: object) -> fx.Node | None:
+    """The tensor ``node`` holds as rows, ``flatten(x, 0, -2)`` (a linear layer's input in the form
+    ``linear_forms`` gives it), or None."""
+    if isinstance(node, fx.Node) and node.target is torch.flatten and tuple(node.args[1:]) == (0, -2):
+        return node.args[0]
+    return None
+
+
 # ---------------------------------------------------------------- parameters
 
 
