@@ -1,7 +1,7 @@
 """Where reconstruction spends its time, per unit, against the cost of its convolutions.
 
-    python bench/profile_recon.py [--model models/resnet_cifar.py] [--iters 200] [--bits w4a4] [--batch-size 32]
-                                  [--cprofile 15]
+    python bench/profile_recon.py [KEY=VALUE ...] [--model models/resnet_cifar.py] [--iters 200] [--bits w4a4]
+                                  [--batch-size 32] [--cprofile 15]
 
 For each unit it prints the measured time per training iteration (QDrop, batch ``--batch-size``; the unit's two
 loss evaluations included) next to the *floor*: one float forward and backward of the same unit at
@@ -9,7 +9,9 @@ the same batch, quantizers off, gradients to the weights only (what any reconstr
 pay). Floors are medians of 20 repetitions measured after the run, in the same process.
 ``--batch-size 1`` leaves the part of a step that does not depend on the data (operator dispatch,
 autograd, optimizer). The seconds of every pass before reconstruction (calibration) are printed last.
-``--cprofile N`` also prints the N functions with the most own time.
+``--cprofile N`` also prints the N functions with the most own time. ``KEY=VALUE`` are further compile
+options (``act_quantizer=nulsq target=onnx-fp``); ``QCOMPILER_NATIVE=0`` in the environment times the
+torch composition instead of the C kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pstats
 import sys
 import time
 
-from common import ROOT, machine, quiet
+from common import ROOT, compile_options, machine, quiet
 
 
 def floor_ms(gm, unit, batch: int, reps: int = 20) -> float:
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", default="w4a4")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cprofile", type=int, default=0, metavar="N")
+    p.add_argument("options", nargs="*", help="KEY=VALUE compile options")
     args = p.parse_args(argv)
     quiet()
     from torch.fx.passes.shape_prop import ShapeProp
@@ -66,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     prof = cProfile.Profile() if args.cprofile else None
     if prof:
         prof.enable()
-    r = qcompiler.compile(args.model, bits=args.bits, method="qdrop", iters=args.iters,
-                          batch_size=args.batch_size, stop_after="reconstruct")
+    options = {"method": "qdrop", **compile_options(args.options)}
+    r = qcompiler.compile(args.model, bits=args.bits, iters=args.iters, batch_size=args.batch_size,
+                          stop_after="reconstruct", **options)
     if prof:
         prof.disable()
     gm, units = r.program.gm, r.program.units

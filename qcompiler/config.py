@@ -164,6 +164,9 @@ class ReconConfig:
                                     "1e-2 x 2000 / iters)")
     a_lr: float | None = knob(None, "activation step learning rate (default 4e-5, scaled like --w-lr)")
     reg_weight: float = knob(0.01, "weight of the rounding regulariser")
+    reg_relative: float = knob(0.0, "scale each unit's rounding regulariser to the unit: weight R x (its loss before "
+                                    "training) / (its rounding choices), so the regulariser at its largest is R times "
+                                    "that loss (0: the fixed --reg-weight)", metavar="R")
     w_step_lr: float = knob(0.0, "also learn the weight steps, Adam lr relative to each step (0: fixed)")
     bias_correct: bool = knob(False, "before and after training each unit, move each layer's bias by the per-channel "
                                      "mean its quantized output is off from the float one")
@@ -179,6 +182,8 @@ class ReconConfig:
         for name, lr in (("w_lr", self.w_lr), ("a_lr", self.a_lr)):
             if lr is not None and not lr > 0:
                 raise ConfigError(f"{name}={lr} must be positive")
+        if self.reg_weight < 0 or self.reg_relative < 0:
+            raise ConfigError(f"reg_weight ({self.reg_weight}) and reg_relative ({self.reg_relative}) must be >= 0")
         if self.holdout < 0:
             raise ConfigError(f"holdout={self.holdout} must be >= 0")
         if self.iters < 0 or self.batch_size < 1 or self.micro_batch < 1:

@@ -34,6 +34,19 @@ def skip_or_fail(reason: str) -> None:
     (pytest.fail if REQUIRE_ALL else pytest.skip)(reason)
 
 
+def require_native() -> None:
+    """Skip the calling test (fail it in CI) when the native kernels are switched off or no C compiler
+    exists; fail it when a compiler exists but the kernels did not build."""
+    import shutil
+
+    from qcompiler.quantizers import native
+
+    if native.library() is None:
+        if os.environ.get("QCOMPILER_NATIVE", "1") != "0":
+            assert shutil.which("cc") is None, "a C compiler is present but the native kernels did not build"
+        skip_or_fail("native kernels off or no C compiler: the torch composition is used")
+
+
 def require(*, data: tuple[str, ...] = (), modules: tuple[str, ...] = ()) -> None:
     """Skip the calling test when a shared data file or an optional package is missing, except in CI
     (``QCOMPILER_REQUIRE_DATA=1``), where that fails it."""

@@ -13,6 +13,8 @@ from qcompiler.quantizers.grid import QSpec, fake_quant
 from qcompiler.quantizers.lsq import LSQQuantizer
 from qcompiler.quantizers.uniform import UniformQuantizer
 
+from conftest import require_native
+
 
 def _act_quantizer(signed: bool) -> UniformQuantizer:
     bits = 8 if signed else 4
@@ -90,17 +92,7 @@ def test_lsq_fused_gradients_match_autograd_composition_under_qdrop(axis: int | 
 def test_native_lsq_kernel_equals_torch_composition(with_keep: bool, channels_last: bool) -> None:
     """The C kernel gives bit-identical values and the same gradients as the torch composition, also
     on channels-last tensors (the kernel walks memory; the mask is drawn in the tensor's layout)."""
-    import os
-    import shutil
-
-    from qcompiler.quantizers import lsq
-
-    if native.library() is None:
-        if os.environ.get("QCOMPILER_NATIVE", "1") != "0":
-            assert shutil.which("cc") is None, "a C compiler is present but the native kernels did not build"
-        from conftest import skip_or_fail
-
-        skip_or_fail("native kernels off or no C compiler: the torch composition is used")
+    require_native()
     gen = torch.Generator().manual_seed(11)
     s = torch.tensor(0.0625)
     x = torch.randn(3, 5, 7, 9, generator=gen) * 0.6
@@ -130,11 +122,7 @@ def test_native_lsq_kernel_equals_torch_composition(with_keep: bool, channels_la
 def test_native_lsq_kernel_splits_work_without_changing_results() -> None:
     """On a tensor of many blocks the kernels share the work among torch's threads; the values, and
     the step's gradient (summed per block, then in block order), do not depend on how many."""
-
-    if native.library() is None:
-        from conftest import skip_or_fail
-
-        skip_or_fail("native kernels off or no C compiler: the torch composition is used")
+    require_native()
     gen = torch.Generator().manual_seed(13)
     x = (torch.randn(8, 16, 24, 24, generator=gen) * 0.7).contiguous(memory_format=torch.channels_last)
     keep = MaskPool(0.5, gen, size=1 << 18).mask(x)

@@ -47,6 +47,24 @@ def test_units_report_how_far_the_rounding_converged(caplog):
     assert any("roundings undecided" in m and "did not converge in 20 iterations" in m for m in caplog.messages)
 
 
+def test_relative_regulariser_is_r_times_each_units_loss_per_choice():
+    """With --reg-relative R a unit's regulariser weight is R x its loss before training / its
+    roundings, and a larger R decides more roundings in the same iterations."""
+    from qcompiler.passes.reconstruct.units import quantizers_of, unit_module
+
+    undecided = {}
+    for rel in (1e-3, 1e3):
+        r = qcompiler.compile(str(MODELS / "resnet_cifar.py"), stop_after="reconstruct", reg_relative=rel, w_lr=1.0,
+                              **FAST)
+        records = r.report["reconstruction"]["units"]
+        for unit, rec in zip(r.program.units, records, strict=True):
+            choices = sum(q.alpha.numel() for q in quantizers_of(r.program.gm, unit_module(r.program.gm, unit, []),
+                                                                 "weight"))
+            assert rec["reg_weight"] == pytest.approx(rel * rec["loss_before"] / choices, rel=1e-6)
+        undecided[rel] = sum(rec["undecided"] for rec in records) / len(records)
+    assert undecided[1e3] < 0.2 * undecided[1e-3], undecided
+
+
 class _Killed(Exception):
     pass
 

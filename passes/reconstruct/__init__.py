@@ -153,7 +153,7 @@ class Reconstruct(Pass):
                 for h in hooks:
                     h.before(gm, unit, tr_fp, tr_q)
                 conv = train_unit(recon, seed, gm, sub, unit, i, tr_fp, tr_q, tr_out, p,
-                                  estimate_for=len(units) - i if i == start else 0)
+                                  estimate_for=len(units) - i if i == start else 0, loss_before=before)
                 for h in hooks:
                     h.after(gm, unit, tr_fp, tr_q)
                 after, ho_after = unit_loss(gm, sub, tr_q, tr_out), unit_loss(gm, sub, ho_q, ho_out, None)

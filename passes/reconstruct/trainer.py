@@ -58,20 +58,22 @@ def _optimizer(groups: list[ParamGroup], iters: int):  # noqa: ANN202
 
 def train_unit(recon: ReconConfig, seed: int, gm: fx.GraphModule, sub: fx.GraphModule, unit: Unit, index: int,
                fp_in: list[torch.Tensor], q_in: list[torch.Tensor], fp_out: torch.Tensor, p: float,
-               estimate_for: int = 0) -> dict[str, float]:
+               estimate_for: int = 0, loss_before: float = float("nan")) -> dict[str, float]:
     """Learn the unit's quantizers (module docstring). After a few iterations of the first unit trained
     in this run, log roughly how long ``estimate_for`` units of this size will take.
 
     Returns how far a learned discrete choice converged (empty when no quantizer has one):
     ``loss_soft``, the loss just before hardening, and ``undecided``, the fraction of choices still
     open (for AdaRound, h between 0.1 and 0.9: hardening moves those weights by 0.1 to 0.5 of a step
-    each, which the soft loss did not see)."""
+    each, which the soft loss did not see); with ``recon.reg_relative``, also the unit's
+    ``reg_weight``, ``reg_relative x loss_before / choices``."""
     gen = torch.Generator().manual_seed(seed * 100003 + index)
     torch.manual_seed(seed * 100003 + index)
     learners = [q for q in quantizers_of(gm, sub, "weight") if isinstance(q, Trainable)]
     if p < 1.0:  # activations are learned only where some of them are quantized in the loop
         learners += [q for q in quantizers_of(gm, sub, "act") if isinstance(q, Trainable)]
     opt, sched = _optimizer([g for q in learners for g in q.begin_training(recon)], recon.iters)
+    reg_weight = _reg_weight(recon, learners, loss_before)
     acts = quantizers_of(gm, sub, "act")
     masks = MaskPool(p, gen) if 0.0 < p < 1.0 else None
     for q in acts:
@@ -93,7 +95,7 @@ def train_unit(recon: ReconConfig, seed: int, gm: fx.GraphModule, sub: fx.GraphM
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
                 shown = backward_batch(sub, fp_in, q_in, fp_out, idx, recon.micro_batch, p, masks,
-                                       lambda: _regularizer(learners, recon.reg_weight))
+                                       lambda: _regularizer(learners, reg_weight))
                 if opt is not None:
                     opt.step()
                 if sched is not None:
@@ -117,6 +119,8 @@ def train_unit(recon: ReconConfig, seed: int, gm: fx.GraphModule, sub: fx.GraphM
     if choices:
         conv = {"loss_soft": unit_loss(gm, sub, q_in, fp_out),
                 "undecided": round(sum(c[0] for c in choices) / sum(c[1] for c in choices), 4)}
+        if recon.reg_relative > 0:
+            conv["reg_weight"] = reg_weight
     for q in learners:
         q.harden()
     return conv
@@ -144,6 +148,17 @@ def backward_batch(sub: fx.GraphModule, fp_in: list[torch.Tensor | None], q_in: 
         loss.backward()
         total += loss.detach()
     return total
+
+
+def _reg_weight(recon: ReconConfig, learners: list[Trainable], loss_before: float) -> float:
+    """The regulariser's weight for one unit: ``recon.reg_weight``; with ``recon.reg_relative = R``,
+    R x the unit's loss before training / its number of discrete choices, so the regulariser at its
+    largest (every choice open) is R times the loss it starts from, whatever the unit's size and the
+    scale of its output (a fixed weight counts choices against a loss that follows the output's scale)."""
+    choices = sum(c[1] for c in (q.convergence() for q in learners) if c is not None)
+    if recon.reg_relative <= 0 or not choices or not math.isfinite(loss_before):
+        return recon.reg_weight
+    return recon.reg_relative * loss_before / choices
 
 
 def _regularizer(learners: list[Trainable], weight: float) -> torch.Tensor | None:

@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger("qcompiler.native")
 
-SOURCE = Path(__file__).with_name("csrc") / "lsq.c"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("lsq.c", "nulsq.c")]
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -46,14 +46,14 @@ def _cpu_tag() -> str:
 
 
 def _build() -> ctypes.CDLL:
-    src = SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in SOURCES)
     tag = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_tag().encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"qc_lsq_{tag}.so"
+    lib = _cache_dir() / f"qc_native_{tag}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
-            subprocess.run([os.environ.get("CC", "cc"), *FLAGS, "-o", str(out), str(SOURCE), "-lm"],
+            subprocess.run([os.environ.get("CC", "cc"), *FLAGS, "-o", str(out), *map(str, SOURCES), "-lm"],
                            check=True, capture_output=True, timeout=120)
             os.replace(out, lib)  # atomic: concurrent builders cannot leave a half-written library
     dll = ctypes.CDLL(str(lib))
@@ -64,6 +64,12 @@ def _build() -> ctypes.CDLL:
     dll.qc_lsq_backward.restype = ctypes.c_double
     dll.qc_lsq_blocks.argtypes = [i64]
     dll.qc_lsq_blocks.restype = i64
+    dll.qc_nulsq_forward.argtypes = [f32p, f32p, f32p, f32p, i64, f32, f32, f32p, u8p, i64]
+    dll.qc_nulsq_forward.restype = None
+    dll.qc_nulsq_backward.argtypes = [f32p, f32p, u8p, f32p, f32p, i64, f32, f32p, f32p, ctypes.c_void_p, i64]
+    dll.qc_nulsq_backward.restype = None
+    dll.qc_nulsq_blocks.argtypes = [i64]
+    dll.qc_nulsq_blocks.restype = i64
     return dll
 
 
@@ -116,3 +122,32 @@ def lsq_backward(g: torch.Tensor, x: torch.Tensor, code: torch.Tensor, s: float,
     gs = lib.qc_lsq_backward(g.data_ptr(), x.data_ptr(), code.data_ptr(), gx.data_ptr(), part.data_ptr(), x.numel(),
                              s, lo, hi)
     return gx, gs
+
+
+def nulsq_forward(x: torch.Tensor, keep: torch.Tensor | None, levels: torch.Tensor, steps: torch.Tensor,
+                  lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, code)`` of nuLSQ's table ``levels`` (from ``steps``); ``lo``/``hi`` bound the range."""
+    lib = library()
+    levels, steps = levels.detach().float().contiguous(), steps.detach().float().contiguous()
+    out = torch.empty_like(x)
+    code = torch.empty_like(x, dtype=torch.uint8)
+    lib.qc_nulsq_forward(x.data_ptr(), keep.data_ptr() if keep is not None else None, levels.data_ptr(),
+                         steps.data_ptr(), steps.numel(), lo, hi, out.data_ptr(), code.data_ptr(), x.numel())
+    return out, code
+
+
+def nulsq_backward(g: torch.Tensor, x: torch.Tensor, code: torch.Tensor, levels: torch.Tensor, steps: torch.Tensor,
+                   lo: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, sums)``: ``sums[m]`` the interval terms of step ``m``, then the gradient summed below
+    and above the range (``csrc/nulsq.c``), in float64."""
+    lib = library()
+    levels, steps = levels.detach().float().contiguous(), steps.detach().float().contiguous()
+    if g.stride() != x.stride():
+        g = torch.empty_like(x).copy_(g)
+    gx = torch.empty_like(g)
+    n = steps.numel()
+    part = torch.empty(lib.qc_nulsq_blocks(x.numel()) * (n + 2), dtype=torch.float32)
+    sums = torch.empty(n + 2, dtype=torch.float64)
+    lib.qc_nulsq_backward(g.data_ptr(), x.data_ptr(), code.data_ptr(), levels.data_ptr(), steps.data_ptr(), n, lo,
+                          gx.data_ptr(), part.data_ptr(), sums.data_ptr(), x.numel())
+    return gx, sums

@@ -22,6 +22,10 @@ The paper trains the steps with quantization-aware training; here reconstruction
 the activation rate (``recon.act_lr()``, cosine) with QDrop's mixing like LSQ. Levels that are not
 a uniform grid have no integer form (``integer_form = False``): the fake-quant model and onnx-fp
 (``float_module``: a Gather of the level table at the count of midpoints below ``x``) run them.
+
+Training runs one autograd node; for float32 CPU tensors a C kernel (``native``, ``csrc/nulsq.c``)
+makes one pass each way with QDrop's mask folded in, the same values as the torch composition
+(``torch.bucketize`` and gathers, a dozen passes), which made reconstruction many times slower than LSQ.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ import math
 import torch
 from torch import nn
 
+from qcompiler.quantizers import native
 from qcompiler.quantizers.family import ParamGroup, Trainable
+from qcompiler.quantizers.qdrop import mix
 from qcompiler.quantizers.uniform import UniformQuantizer
 
 
@@ -39,6 +45,12 @@ def levels_of(steps: torch.Tensor, zero: int) -> torch.Tensor:
     """The ``n + 1`` levels of ``n`` steps, level index ``zero`` at 0."""
     cum = torch.cat([steps.new_zeros(1), torch.cumsum(steps, 0)])
     return cum - cum[zero]
+
+
+def range_ends(levels: torch.Tensor) -> tuple[float, float]:
+    """Where "beyond the range" starts: half an end step below the first level and above the last."""
+    first, last = levels[1] - levels[0], levels[-1] - levels[-2]
+    return float(levels[0] - first / 2), float(levels[-1] + last / 2)
 
 
 class _NonUniform(torch.autograd.Function):
@@ -60,9 +72,9 @@ class _NonUniform(torch.autograd.Function):
     def backward(ctx, g):
         x, m, u, r, levels = ctx.saved_tensors
         n = levels.numel() - 1
-        steps = levels[1:] - levels[:-1]
         # beyond the range: more than half a step past an end level (LSQ's clamp of the rounded value)
-        below, above = x < levels[0] - steps[0] / 2, x > levels[-1] + steps[-1] / 2
+        lo, hi = range_ends(levels)
+        below, above = x < lo, x > hi
         inside = ~(below | above)
         gx = g * inside if ctx.needs_input_grad[0] else None
         gs = None
@@ -72,6 +84,30 @@ class _NonUniform(torch.autograd.Function):
             gs = gs + torch.where(side, g[above].sum(), -g[below].sum())
             gs = gs * ctx.factor
         return gx, gs, None, None
+
+
+class _NativeNonUniform(torch.autograd.Function):
+    """``mix(x, _NonUniform(x), keep)`` in one C pass each way (``native.nulsq_forward/backward``)."""
+
+    @staticmethod
+    def forward(ctx, x, steps, zero, factor, keep):
+        levels = levels_of(steps.detach(), zero)
+        lo, hi = range_ends(levels)
+        out, code = native.nulsq_forward(x, keep, levels, steps, lo, hi)
+        ctx.save_for_backward(x, code, levels, steps.detach())
+        ctx.zero, ctx.factor, ctx.lo = zero, factor, lo
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, code, levels, steps = ctx.saved_tensors
+        gx, sums = native.nulsq_backward(g, x, code, levels, steps, ctx.lo)
+        gs = None
+        if ctx.needs_input_grad[1]:
+            n = steps.numel()
+            ends = torch.where(torch.arange(n) >= ctx.zero, sums[n + 1], -sums[n])  # steps above / below zero
+            gs = ((sums[:n] + ends) * ctx.factor).to(steps.dtype)
+        return (gx if ctx.needs_input_grad[0] else None), gs, None, None, None
 
 
 class FloatLevels(nn.Module):
@@ -144,7 +180,11 @@ class NuLSQQuantizer(UniformQuantizer, Trainable):
         if self.mode != "quant":
             return super().forward(x)
         factor = 1.0 / math.sqrt(max(x.numel(), 1) * (self.qmax - self.qmin))
-        return self.drop(x, _NonUniform.apply(x, self.steps, self.zero_index(), factor))
+        keep = self.keep_mask(x)
+        if native.library() is not None and native.usable(x, keep):
+            return _NativeNonUniform.apply(x, self.steps, self.zero_index(), factor, keep)
+        out = _NonUniform.apply(x, self.steps, self.zero_index(), factor)
+        return out if keep is None else mix(x, out, keep)
 
     def float_module(self) -> nn.Module:
         """The float operations that compute this quantizer's values in a deployed graph."""
