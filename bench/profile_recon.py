@@ -29,8 +29,7 @@ def floor_ms(gm, unit, batch: int, reps: int = 20) -> float:
     """Median ms of a float forward+backward of ``unit`` (weights require grad, inputs random)."""
     import torch
 
-    from qcompiler.passes.reconstruct import Reconstruct
-    from qcompiler.passes.reconstruct.units import unit_module
+    from qcompiler.passes.reconstruct.units import modes, unit_module
 
     sub = unit_module(gm, unit, [])
     shapes = {n.name: n.meta["tensor_meta"].shape for n in gm.graph.nodes if "tensor_meta" in n.meta}
@@ -40,7 +39,7 @@ def floor_ms(gm, unit, batch: int, reps: int = 20) -> float:
     for prm in params:
         prm.requires_grad_(True)
     times = []
-    with Reconstruct._modes(gm, sub, "off"):
+    with modes(gm, sub, "off"):
         for _ in range(reps + 3):
             t = time.perf_counter()
             sub(*xs)[0].pow(2).sum().backward()
