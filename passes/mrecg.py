@@ -11,7 +11,9 @@ the units ``partition`` cut are blocks b_0..b_{n-1}, each with a metric m_i; the
   with a pair chosen before it is passed over, so a merged unit is two blocks.
 - ``mrecg-loss`` (data-dependent): m_i is the block's reconstruction loss after a probe, the same
   reconstruction on a copy of the program with ``probe_iters`` iterations per block on the first
-  ``mrecg_probe_samples`` calibration samples. Chosen pairs that share a block chain into one unit.
+  ``mrecg_probe_samples`` calibration samples; with ``mrecg_loss = relative`` that loss over the
+  energy of the block's float output (the loss a zero output would have), so that a block does not
+  rank high only because its outputs are large. Chosen pairs that share a block chain into one unit.
 
 The metric per block, k, the merges and the units go to the log and to ``report["partition"]``.
 A fixed list of merges (``Mrecg(merges=...)``) skips the ranking: the granularity study draws
@@ -137,8 +139,8 @@ class Mrecg(Pass):
 
 
 def probe_losses(program: Program) -> tuple[list[float], int]:
-    """Each block's loss after the probe reconstruction (module docstring), run on copies (the
-    program's graph and quantizers are left as they were), and the samples it ran on."""
+    """Each block's loss (absolute or relative) after the probe reconstruction (module docstring), run
+    on copies (the program's graph and quantizers are left as they were), and the samples it ran on."""
     from qcompiler.passes.reconstruct import Reconstruct
 
     recon = program.config.recon
@@ -154,4 +156,7 @@ def probe_losses(program: Program) -> tuple[list[float], int]:
     log.info("mrecg-loss probe: %d iterations per block on %d samples (its per-block log follows)", config.recon.iters,
              samples)
     Reconstruct().run(probe)
-    return [float(r["loss_after"]) for r in probe.report["reconstruction"]["units"]], samples
+    records = probe.report["reconstruction"]["units"]
+    if recon.mrecg_loss == "relative":
+        return [r["loss_after"] / max(r["output_energy"], 1e-30) for r in records], samples
+    return [float(r["loss_after"]) for r in records], samples

@@ -28,6 +28,7 @@ from qcompiler.errors import ConfigError
 ACT_INITS = ("minmax", "mse", "percentile")
 WEIGHT_INITS = ("minmax", "mse")
 GRANULARITIES = ("layer", "block", "mrecg-modcap", "mrecg-loss")
+MRECG_LOSSES = ("absolute", "relative")
 #: Default learning rates of the weight rounding and the activation steps, set for LR_ITERS
 #: iterations per unit; longer runs divide them by iters / LR_ITERS.
 W_LR, A_LR, LR_ITERS = 1e-2, 4e-5, 2000
@@ -150,6 +151,8 @@ class ReconConfig:
     mrecg_alpha: float = knob(1.6, "MRECG ModCap: weight of a stride-2 layer's parameters")
     mrecg_probe_iters: int | None = knob(None, "mrecg-loss: iterations per block of the probe reconstruction whose "
                                                "losses rank the pairs (default iters / 10, at least 20)")
+    mrecg_loss: str = knob("absolute", "mrecg-loss: rank by each block's probe loss (absolute) or by that loss over "
+                                       "the energy of the block's float output (relative)")
     mrecg_probe_samples: int = knob(256, "mrecg-loss: the probe reconstructs on the first N calibration samples",
                                     metavar="N")
     weight_quantizer: str = knob("adaround", "quantizer family the weights learn in reconstruction")
@@ -177,6 +180,7 @@ class ReconConfig:
 
     def __post_init__(self) -> None:
         _choice("granularity", self.granularity, GRANULARITIES)
+        _choice("mrecg_loss", self.mrecg_loss, MRECG_LOSSES)
         if not 0.0 <= self.qdrop <= 1.0:
             raise ConfigError(f"qdrop probability {self.qdrop} must lie in [0, 1]")
         for name, lr in (("w_lr", self.w_lr), ("a_lr", self.a_lr)):

@@ -128,6 +128,22 @@ def test_mrecg_loss_probe_leaves_the_program_untouched_and_reports_its_merges(ti
     assert len(part["merges"]) == 1 and len(r.program.units) == 1
 
 
+def test_relative_mrecg_loss_is_each_probe_loss_over_its_float_output_energy(tiny):
+    """A probe on every calibration row sees what a block compile sees: its relative metric is the
+    absolute one over each unit's reported output energy, which for the head is the logits'."""
+    common = dict(bits="w4a4", method="qdrop", iters=40)
+    block = qcompiler.compile(str(tiny), granularity="block", **common)
+    energy = [u["output_energy"] for u in block.report["reconstruction"]["units"]]
+    with torch.no_grad():
+        logits = qcompiler.api.load_model_file(str(tiny)).build()(torch.cat([b[0] for b in block.program.calib]))
+    assert energy[-1] == pytest.approx(float(logits.pow(2).sum(1).mean()), rel=1e-4)
+    probe = dict(granularity="mrecg-loss", mrecg_k=1, mrecg_probe_samples=128, stop_after="mrecg", **common)
+    absolute = qcompiler.compile(str(tiny), **probe).report["partition"]["metric"]
+    relative = qcompiler.compile(str(tiny), mrecg_loss="relative", **probe).report["partition"]["metric"]
+    assert relative == pytest.approx([a / e for a, e in zip(absolute, energy, strict=True)], rel=1e-5)
+    assert relative != pytest.approx(absolute)
+
+
 def test_micro_batches_accumulate_the_gradient_of_the_whole_batch(tiny):
     """Eight rows at a time give the gradient the 32-row batch gives in one pass."""
     from qcompiler.passes.reconstruct.trainer import backward_batch

@@ -18,13 +18,14 @@ Rule, per unit in graph order (units come from ``partition``):
    warns that its schedule was too short for the regulariser to decide them.
 
 With ``holdout = N`` the last N calibration samples are left out of training and the hooks and only
-measured: each unit reports its loss on them before and after. Whatever the units, the report gives
-the loss at every block's output (quantized stream against float, first ``LOSS_ROWS`` rows) and that
-curve's oscillation (:func:`oscillation`), MRECG's symptom, so granularities compare on the same
-points. Images are held channels-last (convolutions keep that layout, elementwise ops follow it;
-oneDNN's depthwise convolutions run faster in it). With a work directory a checkpoint is written
-after every unit and a rerun resumes after the last finished one (``checkpoint``), reaching what an
-uninterrupted run reaches.
+measured: each unit reports its loss on them before and after. Each unit also reports the energy of
+its float output on the rows its loss is measured on (``output_energy``: the loss of a zero output).
+Whatever the units, the report gives the loss at every block's output (quantized stream against
+float, first ``LOSS_ROWS`` rows) and that curve's oscillation (:func:`oscillation`), MRECG's
+symptom, so granularities compare on the same points. Images are held channels-last (convolutions
+keep that layout, elementwise ops follow it; oneDNN's depthwise convolutions run faster in it).
+With a work directory a checkpoint is written after every unit and a rerun resumes after the last
+finished one (``checkpoint``), reaching what an uninterrupted run reaches.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from qcompiler.passes.reconstruct.trainer import duration, train_unit
 from qcompiler.passes.reconstruct.units import (
     forward,
     needed_later,
+    output_energy,
     quantizers_of,
     rec_loss,
     swap,
@@ -157,9 +159,10 @@ class Reconstruct(Pass):
                 for h in hooks:
                     h.after(gm, unit, tr_fp, tr_q)
                 after, ho_after = unit_loss(gm, sub, tr_q, tr_out), unit_loss(gm, sub, ho_q, ho_out, None)
+                energy = output_energy(tr_out)
                 del tr_fp, tr_q, tr_out, ho_q, ho_out
                 rec = {"unit": unit.name, "layers": len(unit.layers), "loss_before": before, "loss_after": after,
-                       **conv, "seconds": round(time.perf_counter() - t0, 2)}
+                       "output_energy": energy, **conv, "seconds": round(time.perf_counter() - t0, 2)}
                 if recon.holdout:
                     rec.update(heldout_before=ho_before, heldout_after=ho_after)
                 records.append(rec)

@@ -104,6 +104,14 @@ def unit_loss(gm: fx.GraphModule, sub: fx.GraphModule, q_in: list[torch.Tensor],
         return float(rec_loss(out, fp_out[:n]))
 
 
+def output_energy(fp_out: torch.Tensor, n: int = 256) -> float:
+    """The float output's own size in the loss's units: the loss of an all-zero output on the first
+    ``n`` rows (squares summed over channels, averaged over the rest)."""
+    with torch.no_grad():
+        x = fp_out[:n]
+        return float(rec_loss(x, torch.zeros_like(x)))
+
+
 class _RecLoss(torch.autograd.Function):
     """Squared error summed over channels (dim 1), averaged over the rest, in two passes.
 
