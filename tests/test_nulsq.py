@@ -147,3 +147,16 @@ def test_nulsq_learned_in_reconstruction_deploys_to_onnx_fp_and_ort_agrees(tiny,
     assert agree["mean_error"] <= 1e-3  # float summation order flips a level on few values only
     counts = ob.optimized_op_counts(out.read_bytes())
     assert counts["Gather"] >= len(nus) and not any(k in ob.INT_COMPUTE for k in counts)
+
+
+def test_native_nulsq_kernel_passes_nan_through():
+    """A NaN activation comes out NaN (as from LSQ's kernel), not as a read outside the level table."""
+    require_native()
+    q = UniformQuantizer(QSpec(8, False, False))
+    q.set_range(torch.tensor(-1.0), torch.tensor(2.5))
+    q.mode = "quant"
+    nu = NuLSQQuantizer.from_quantizer(q)
+    x = torch.linspace(-3.0, 4.0, 100_000)
+    x[::7] = float("nan")
+    out = nulsq._NativeNonUniform.apply(x, nu.steps, nu.zero_index(), 0.01, None)
+    assert torch.isnan(out[::7]).all() and torch.isfinite(out[1::7]).all()

@@ -3,7 +3,7 @@
  * A table of n + 1 increasing levels L_0..L_n and the n steps d_m the levels were summed from.
  * forward : m = the number of inner levels L_1..L_{n-1} strictly below x (torch.bucketize's rule),
  *           u = (x - L_m) / d_m, r = rint(clamp(u, 0, 1)) (half to even: a tie goes down),
- *           out = keep ? x : L_{m + r}
+ *           out = keep ? x : L_{m + r}   (a NaN x stays NaN)
  *           code = 2 where kept float, 1 where x lies beyond the range (below `lo` or above `hi`,
  *           half an end step past the end levels, computed by the caller), 0 elsewhere
  * backward: gx = code == 1 ? 0 : g
@@ -59,8 +59,8 @@ void qc_nulsq_forward(const float *restrict x, const float *restrict keep, const
             }
             int64_t m = interval(L, steps, top, v);
             float u = (v - L[m]) / d[m];
-            float c = u < 0.0f ? 0.0f : (u > 1.0f ? 1.0f : u);
-            out[i] = L[m + (int64_t)rintf(c)];
+            float c = u > 0.0f ? (u < 1.0f ? u : 1.0f) : 0.0f; /* a NaN reads no level beyond the table */
+            out[i] = v == v ? L[m + (int64_t)rintf(c)] : v;
             code[i] = (uint8_t)(v < lo || v > hi);
         }
     }
@@ -82,7 +82,7 @@ void qc_nulsq_backward(const float *restrict g, const float *restrict x, const u
             if (c == 0) {
                 int64_t m = interval(L, steps, top, v);
                 float u = (v - L[m]) / d[m];
-                float uc = u < 0.0f ? 0.0f : (u > 1.0f ? 1.0f : u);
+                float uc = u > 0.0f ? (u < 1.0f ? u : 1.0f) : 0.0f;
                 acc[m] += gi * (rintf(uc) - u);
             } else if (c == 1) {
                 acc[v < lo ? steps : steps + 1] += gi;
