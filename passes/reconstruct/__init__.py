@@ -12,7 +12,9 @@ Rule, per unit in graph order (units come from ``partition``):
    (``cache.ActivationCache``: in memory up to ``cache_mb``, then memory-mapped files); the float
    outputs come from running the unit with its quantizers off.
 3. Train (``trainer.train_unit``), with the unit hooks around it (``bias_correction`` when
-   ``bias_correct``), then advance both streams by one forward of the unit. Each unit reports its
+   ``bias_correct``); a unit whose loss after training is above its loss before keeps the state it
+   started from (its ``trained_loss`` is reported), so no unit ends worse than round-to-nearest with
+   the calibrated steps. Then advance both streams by one forward of the unit. Each unit reports its
    loss before and after, with the soft rounding just before hardening and the fraction of
    roundings still undecided; a run that ends units with more than ``UNDECIDED_WARN`` undecided
    warns that its schedule was too short for the regulariser to decide them.
@@ -152,13 +154,18 @@ class Reconstruct(Pass):
                 tr_fp, tr_q, tr_out = [x[:n_train] for x in fp_in], [x[:n_train] for x in q_in], fp_out[0][:n_train]
                 ho_q, ho_out = [x[n_train:] for x in q_in], fp_out[0][n_train:]
                 before, ho_before = unit_loss(gm, sub, tr_q, tr_out), unit_loss(gm, sub, ho_q, ho_out, None)
+                start_state = {k: v.detach().clone() for k, v in sub.state_dict().items()}
                 for h in hooks:
                     h.before(gm, unit, tr_fp, tr_q)
                 conv = train_unit(recon, seed, gm, sub, unit, i, tr_fp, tr_q, tr_out, p,
                                   estimate_for=len(units) - i if i == start else 0, loss_before=before)
                 for h in hooks:
                     h.after(gm, unit, tr_fp, tr_q)
-                after, ho_after = unit_loss(gm, sub, tr_q, tr_out), unit_loss(gm, sub, ho_q, ho_out, None)
+                after = unit_loss(gm, sub, tr_q, tr_out)
+                if after > before:  # training made the unit worse: it keeps where it started
+                    conv["trained_loss"] = after
+                    after = self._restore(gm, sub, start_state, tr_q, tr_out)
+                ho_after = unit_loss(gm, sub, ho_q, ho_out, None)
                 energy = output_energy(tr_out)
                 del tr_fp, tr_q, tr_out, ho_q, ho_out
                 rec = {"unit": unit.name, "layers": len(unit.layers), "loss_before": before, "loss_after": after,
@@ -196,12 +203,24 @@ class Reconstruct(Pass):
         return PassResult(True, {"units": len(units), "resumed_after": start})
 
     @staticmethod
+    def _restore(gm: torch.fx.GraphModule, sub: torch.fx.GraphModule, state: dict, q_in: list[torch.Tensor],
+                 fp_out: torch.Tensor) -> float:
+        """The unit's parameters and quantizers as they were before training, hardened again; its loss."""
+        sub.load_state_dict(state)
+        for q in quantizers_of(gm, sub, "weight") + quantizers_of(gm, sub, "act"):
+            if isinstance(q, Trainable):
+                q.harden()
+        return unit_loss(gm, sub, q_in, fp_out)
+
+    @staticmethod
     def _log_unit(i: int, total: int, rec: dict, done: list[dict], holdout: int) -> None:
         left = sum(r["seconds"] for r in done) / len(done) * (total - i - 1)
         held = f", held out {rec['heldout_before']:.4g} -> {rec['heldout_after']:.4g}" if holdout else ""
         soft = (f" (soft rounding {rec['loss_soft']:.4g}, {100 * rec['undecided']:.0f}% undecided)"
                 if "loss_soft" in rec else "")
         eta = f", about {duration(left)} left" if i + 1 < total else ""
+        if "trained_loss" in rec:
+            soft += f"; training ended at {rec['trained_loss']:.4g}, worse than the start, which the unit keeps"
         log.info("%d/%d %-30s loss %.4g -> %.4g%s%s  (%.1fs%s)", i + 1, total, rec["unit"], rec["loss_before"],
                  rec["loss_after"], soft, held, rec["seconds"], eta)
 
