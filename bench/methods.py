@@ -45,18 +45,26 @@ def settings(method: str, bits: str) -> dict:
 
 
 def level_spread(result) -> str:  # noqa: ANN001 - CompileResult
-    """For learned non-uniform activation levels (nuLSQ): how far their steps moved apart, as the
-    median over quantizers of (largest step / smallest step) and of (step std / step mean)."""
+    """For learned non-uniform activation levels (nuLSQ): how far their steps moved apart and where,
+    as medians over quantizers of: largest / smallest step, step std / mean, the learned range over
+    the calibrated one (sum of steps / (n x the calibrated uniform step)), and the step just above
+    zero and the top step, each over the quantizer's mean step."""
     import statistics
 
     from qcompiler.quantizers.nulsq import NuLSQQuantizer
 
-    steps = [m.steps.detach() for m in result.program.gm.modules() if isinstance(m, NuLSQQuantizer)]
-    if not steps:
+    qs = [m for m in result.program.gm.modules() if isinstance(m, NuLSQQuantizer)]
+    if not qs:
         return ""
-    ratio = statistics.median(float(s.max() / s.min()) for s in steps)
-    cv = statistics.median(float(s.std() / s.mean()) for s in steps)
-    return f"; nuLSQ steps over {len(steps)} quantizers: median max/min {ratio:.2f}, median std/mean {cv:.3f}"
+
+    def med(f) -> float:  # noqa: ANN001
+        return statistics.median(float(f(q.steps.detach(), q)) for q in qs)
+
+    return (f"; nuLSQ steps over {len(qs)} quantizers (medians): max/min {med(lambda d, q: d.max() / d.min()):.2f}, "
+            f"std/mean {med(lambda d, q: d.std() / d.mean()):.3f}, "
+            f"range/calibrated {med(lambda d, q: d.sum() / (d.numel() * q.scale.detach().flatten()[0])):.3f}, "
+            f"first step above zero/mean {med(lambda d, q: d[min(q.zero_index(), d.numel() - 1)] / d.mean()):.3f}, "
+            f"top step/mean {med(lambda d, q: d[-1] / d.mean()):.3f}")
 
 
 def table(model: str, results: dict, bits: list[str], methods: list[str], scales: list[str], iters: int) -> str:
