@@ -207,9 +207,7 @@ class Reconstruct(Pass):
                  fp_out: torch.Tensor) -> float:
         """The unit's parameters and quantizers as they were before training, hardened again; its loss."""
         sub.load_state_dict(state)
-        for q in quantizers_of(gm, sub, "weight") + quantizers_of(gm, sub, "act"):
-            if isinstance(q, Trainable):
-                q.harden()
+        Reconstruct._harden(gm, sub)
         return unit_loss(gm, sub, q_in, fp_out)
 
     @staticmethod
@@ -238,9 +236,12 @@ class Reconstruct(Pass):
     @staticmethod
     def _harden_done(program: Program, done: int) -> None:
         """A resumed run's finished units: their learned quantizers in deployed form again."""
-        gm = program.gm
         for unit in program.units[:done]:
-            sub = unit_module(gm, unit, [])
-            for q in quantizers_of(gm, sub, "weight") + quantizers_of(gm, sub, "act"):
-                if isinstance(q, Trainable):
-                    q.harden()
+            Reconstruct._harden(program.gm, unit_module(program.gm, unit, []))
+
+    @staticmethod
+    def _harden(gm: torch.fx.GraphModule, sub: torch.fx.GraphModule) -> None:
+        """Every learned quantizer of the unit ``sub`` in its deployed (hard) form."""
+        for q in quantizers_of(gm, sub, "weight") + quantizers_of(gm, sub, "act"):
+            if isinstance(q, Trainable):
+                q.harden()
