@@ -3,8 +3,8 @@
 Rule: weight quantizers are initialised from their weights (``w_init``: min-max, or ``mse``: the
 per-channel grid that minimises the mean ``|w - fq(w)|^p``, ``quantizers.ranges``); activation
 quantizers observe the calibration batches while weights are already quantized and activations
-still float, then take their range from what they saw (``a_init``: min-max, the same search, or
-the percentile clip).
+still float, then take their range from what they saw (``a_init``: min-max, the same search with
+the exponent ``a_mse_p``, or the percentile clip).
 Afterwards every quantizer fake-quantizes: the program computes what round-to-nearest deploys.
 
 ``Calibrate(weights=False)`` (pass name ``recalibrate``) keeps the weight quantizers as they are and
@@ -63,7 +63,7 @@ class Calibrate(Pass):
                                           disable=not log.isEnabledFor(logging.INFO)))
         for node, q in zip(program.quantizer_nodes("act"), acts, strict=True):
             try:
-                q.init_from_observer(cfg.a_init, cfg.percentile)
+                q.init_from_observer(cfg.a_init, cfg.percentile, cfg.a_mse_p)
             except RuntimeError as exc:
                 raise CalibrationDataError(f"activation quantizer {node.name} saw no data") from exc
             q.mode = "quant"

@@ -32,6 +32,8 @@ MRECG_LOSSES = ("absolute", "relative")
 #: Default learning rates of the weight rounding and the activation steps, set for LR_ITERS
 #: iterations per unit; longer runs divide them by iters / LR_ITERS.
 W_LR, A_LR, LR_ITERS = 1e-2, 4e-5, 2000
+# The activation range search's default exponent (``a_mse_p``; weights: quantizers.ranges).
+ACT_MSE_P = 2.4
 
 _BITS_RE = re.compile(r"^w(\d+)(?:a(\d+))?$")
 
@@ -88,6 +90,8 @@ class QuantConfig:
     w_init: str = knob("mse", "weight range: mse or minmax")
     a_init: str = knob("mse", "activation range: mse, minmax or percentile")
     percentile: float = knob(99.99, "percentile of --a-init percentile")
+    a_mse_p: float = knob(ACT_MSE_P, "exponent p of the error |x - fq(x)|^p that --a-init mse minimises (larger p "
+                                     "clips less)", metavar="P")
     overrides: dict[str, str] = knob({}, "per-layer bits for layers whose name matches the glob PATTERN (repeatable)",
                                      aliases=(("--override", None),), metavar="PATTERN=wNaM")
     split_outliers: float = knob(0.0, "split the largest input channels of linear layers into equal copies (weights "
@@ -107,6 +111,8 @@ class QuantConfig:
         _choice("activation init", self.a_init, ACT_INITS)
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile {self.percentile} must lie in (50, 100]")
+        if not 1.0 <= self.a_mse_p <= 8.0:
+            raise ConfigError(f"a_mse_p={self.a_mse_p}: the range search's exponent must lie in [1, 8]")
         if self.w_midrise < 0:
             raise ConfigError(f"w_midrise={self.w_midrise} must be >= 0")
         for pattern, bits in self.overrides.items():

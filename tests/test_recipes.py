@@ -45,6 +45,21 @@ def test_a_method_is_one_recipe_entry(tiny):
     assert initializers(r.onnx_bytes) != initializers(qcompiler.compile(str(tiny)).onnx_bytes)
 
 
+def test_the_activation_range_exponent_moves_activation_steps_only(tiny):
+    """``a_mse_p`` reaches the activation range search: with p = 2 (squared error) instead of 2.4 the
+    activation scales change and the integer weights do not."""
+    def split(r):
+        m = onnx.load_from_string(r.onnx_bytes)
+        arrays = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+        weights = {k: a.tobytes() for k, a in arrays.items() if a.dtype.kind == "i" and a.ndim > 1}
+        acts = {n.input[1] for n in m.graph.node if n.op_type == "QuantizeLinear"}
+        return weights, {k: arrays[k].tobytes() for k in acts}
+    default, squared = split(qcompiler.compile(str(tiny), bits="w4a4")), split(
+        qcompiler.compile(str(tiny), bits="w4a4", a_mse_p=2.0))
+    assert default[0] and default[0] == squared[0]
+    assert default[1] != squared[1]
+
+
 def test_resolution_order_defaults_method_recipe_options():
     cfg = resolve({"iters": 20}, {"method": "qdrop", "iters": 10, "bits": "w4a4", "qdrop": 0.25})
     assert (cfg.method, cfg.quant.bits, cfg.recon.iters, cfg.recon.qdrop) == ("qdrop", "w4a4", 20, 0.25)
@@ -58,6 +73,7 @@ def test_resolution_order_defaults_method_recipe_options():
     ({"bits": "w9a8"}, "outside 2..8"),
     ({"method": "nope"}, "unknown method"),
     ({"weight_quantizer": "nope", "method": "qdrop"}, "unknown quantizer family"),
+    ({"a_mse_p": 0.5}, "a_mse_p"),
 ])
 def test_bad_recipe_values_are_clear_errors(tiny, given, needle):
     with pytest.raises(ConfigError, match=needle):

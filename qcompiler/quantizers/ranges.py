@@ -11,12 +11,13 @@ import math
 
 import torch
 
+from qcompiler.config import ACT_MSE_P
 from qcompiler.quantizers.grid import QSpec, centered_levels, midrise_quant, params_from_range, quantize_int
 
 # The error the range searches minimise: mean |x - fq(x)|^p. p = 2.4 weighs the clipped tail a little
-# more than squared error: for activations and weight grids of fewer than WIDE_WEIGHT_BITS bits; 2 for
-# wider weight grids (chosen on validation data: bench/README.md, "range search exponents").
-ACT_MSE_P = 2.4
+# more than squared error: for activations (by default: the ``a_mse_p`` knob, ACT_MSE_P) and weight
+# grids of fewer than WIDE_WEIGHT_BITS bits; 2 for wider weight grids (chosen on validation data:
+# bench/README.md, "range search exponents").
 WEIGHT_MSE_P = 2.4
 WIDE_WEIGHT_MSE_P = 2.0
 WIDE_WEIGHT_BITS = 7

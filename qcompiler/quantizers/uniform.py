@@ -85,8 +85,9 @@ class UniformQuantizer(nn.Module):
         self.zero_point.data = zp.reshape(self.zero_point.shape).clone()
 
     @torch.no_grad()
-    def init_from_observer(self, method: str, percentile: float = 99.99) -> None:
-        """Initialise an activation quantizer from what it observed: minmax, mse or percentile."""
+    def init_from_observer(self, method: str, percentile: float = 99.99, p: float = ranges.ACT_MSE_P) -> None:
+        """Initialise an activation quantizer from what it observed: minmax, mse (the range minimising
+        the mean ``|x - fq(x)|^p``) or percentile."""
         if self.observer is None or self.observer.count == 0:
             raise RuntimeError("the quantizer observed no values")
         obs = self.observer
@@ -97,7 +98,7 @@ class UniformQuantizer(nn.Module):
             lo = torch.quantile(s, 1 - percentile / 100).clamp(max=0)
             hi = torch.quantile(s, percentile / 100).clamp(min=0)
         elif method == "mse":
-            lo2, hi2 = ranges.search_range(obs.sample()[None, :], self.spec, p=ranges.ACT_MSE_P)
+            lo2, hi2 = ranges.search_range(obs.sample()[None, :], self.spec, p=p)
             lo, hi = lo2[0], hi2[0]
         else:
             raise ValueError(f"unknown activation init {method!r}")
