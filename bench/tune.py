@@ -11,8 +11,8 @@ in ONNX Runtime on ``evaluate(split="val")`` (CIFAR-10 calib5k images 1,024 on; 
 rows; MiniLM's standard-library docstring sentences), never on the set the README reports:
 defaults are chosen here. ``--metric`` names the figure of ``evaluate``'s result to print
 (MiniLM: ``cosine``). ``--seeds N`` compiles every cell with seeds 0..N-1 (the ``seed``
-option) and prints their mean, each value and their spread (max - min), for
-settings that differ by less than one seed's spread.
+option) and prints their mean, each value and their spread (max - min): settings closer than
+one seed's spread are told apart by means, not by single compiles.
 """
 
 from __future__ import annotations
@@ -62,10 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
     many = args.seeds > 1
-    head = f"| model | bits | setting | ORT {args.metric} (validation) |"
-    if many:
-        head = head.replace("(validation)", f"(validation, mean of {args.seeds} seeds)")
-        head += f" seeds 0-{args.seeds - 1} | spread |"
+    label = f"validation, mean of {args.seeds} seeds" if many else "validation"
+    head = f"| model | bits | setting | ORT {args.metric} ({label}) |" + (
+        f" seeds 0-{args.seeds - 1} | spread |" if many else "")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for bits in args.bits:
         for setting in args.settings:
