@@ -63,10 +63,12 @@ def machine() -> str:
     return f"{name}{model}, {isa}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def emit(table: str, out: str | None) -> None:
-    """Print the Markdown table and the machine it was measured on; write both to ``out`` when given."""
+def emit(table: str, out: str | None, echo: bool = True) -> None:
+    """Print the Markdown table and the machine it was measured on (unless ``echo`` is false); write
+    both to ``out`` when given."""
     table = f"{table}\nMachine: {machine()}\n"
-    print(table)
-    sys.stdout.flush()
+    if echo:
+        print(table)
+        sys.stdout.flush()
     if out:
         Path(out).write_text(table)

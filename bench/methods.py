@@ -9,7 +9,8 @@ family ACT (``qdrop/nulsq``: QDrop with nuLSQ activation steps). Bits ``wN`` are
 ONNX Runtime on the model's own evaluation set (test10k for ResNet-20, imagenet-val for
 EfficientNet-Lite0); the target is onnx-int8 where the model has an integer form, else onnx-fp
 (free Mr.BiQ weights, nuLSQ activations, weights-only bits), marked ``fp`` in the cell.
-``--scales channel tensor`` runs per-channel and per-tensor weight scales.
+``--scales channel tensor`` runs per-channel and per-tensor weight scales. ``--out`` is rewritten
+after every cell, so an interrupted run keeps the cells it finished.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 spread = level_spread(r.pop("result"))
                 print(f"{stem} {b} {sc} {m} ({cell['target']}): ORT {r['ort']:.2f} (fake-quant {r['fake_quant']:.2f}, "
                       f"agreement {r['agreement']:.2f}%, {r['compile_s']:.0f} s){spread}", flush=True)
+                emit(table(stem, results, bits, args.methods, args.scales, args.iters), args.out, echo=False)
     emit(table(stem, results, bits, args.methods, args.scales, args.iters), args.out)
     return 0
 
