@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qcompiler.config import ACT_MSE_P
 from qcompiler.quantizers import ranges
 from qcompiler.quantizers.grid import (
     QSpec,
@@ -85,7 +86,7 @@ class UniformQuantizer(nn.Module):
         self.zero_point.data = zp.reshape(self.zero_point.shape).clone()
 
     @torch.no_grad()
-    def init_from_observer(self, method: str, percentile: float = 99.99, p: float = ranges.ACT_MSE_P) -> None:
+    def init_from_observer(self, method: str, percentile: float = 99.99, p: float = ACT_MSE_P) -> None:
         """Initialise an activation quantizer from what it observed: minmax, mse (the range minimising
         the mean ``|x - fq(x)|^p``) or percentile."""
         if self.observer is None or self.observer.count == 0:
