@@ -11,7 +11,8 @@ Rules of the checks that end every compile (a failure is an error, not a warning
   every sample within a relative error of ``max_error`` (``TargetOptions``). Where that fails and
   ORT runs no kernel the fake-quant model leaves unmodelled, the disagreement is accepted if it is
   no larger than the fake-quant model's own with its float operations off by a float32 rounding
-  (:func:`noise_floor`, :func:`within_noise`); the report says so (``accepted_by``).
+  (the worst of a few such runs: :func:`noise_floor`, :func:`within_noise`); the report says so
+  (``accepted_by``).
 """
 
 from __future__ import annotations
@@ -177,26 +178,44 @@ def take_samples(batches: list[Batch], n: int) -> list[Batch]:
     return out
 
 
+#: Perturbed runs the noise floor takes the worst of: whether a float difference flips a whole step
+#: somewhere is a matter of chance, and at 3-bit activations one run's worst sample varies about 2x.
+FLOOR_RUNS = 3
+
+
 def noise_floor(model: torch.nn.Module, batches: list[Batch], ref: list[torch.Tensor] | None = None,
-                seed: int = 0) -> dict[str, float]:
+                runs: int = FLOOR_RUNS) -> dict[str, float]:
     """How far the fake-quant graph ``model`` moves from itself when every float operation's result
     (LayerNorm, GELU, softmax: what no runtime computes bit for bit like torch) is off by about one
     float32 rounding (a random relative 2^-23): such differences, turned into whole-step flips now
     and then by the quantizers after them, compound through a deep network. The agreement metrics
-    of the perturbed run against the plain one (``ref``, computed when not given)."""
-    gen = torch.Generator().manual_seed(seed)
+    of ``runs`` perturbed runs (seeds 0, 1, ...) against the plain one (``ref``, computed when not
+    given), each the worst over the runs."""
 
     class Perturbed(fx.Interpreter):
+        def __init__(self, gm: fx.GraphModule, gen: torch.Generator) -> None:
+            super().__init__(gm)
+            self.gen = gen
+
         def run_node(self, n: fx.Node):  # noqa: ANN202
             out = super().run_node(n)
             if n.op in ("call_function", "call_method") and isinstance(out, torch.Tensor) and out.is_floating_point():
-                u = torch.rand(out.shape, generator=gen, dtype=out.dtype) * 2 - 1
+                u = torch.rand(out.shape, generator=self.gen, dtype=out.dtype) * 2 - 1
                 out = out * (1 + u * 2.0**-23)
             return out
 
     ref = ref if ref is not None else outputs(lambda b: call(model, b), batches)
-    got = outputs(lambda b: Perturbed(model).run(*(b.values() if isinstance(b, dict) else b)), batches)
-    return agreement(ref, got)
+    worst: dict[str, float] = {}
+    for seed in range(runs):
+        gen = torch.Generator().manual_seed(seed)
+        got = outputs(lambda b, g=gen: Perturbed(model, g).run(*(b.values() if isinstance(b, dict) else b)), batches)
+        run = agreement(ref, got)
+        if not worst or run["worst_error"] > worst["worst_error"]:
+            worst.update(worst_error=run["worst_error"], worst_sample=run["worst_sample"])
+        for k, pick in (("mean_error", max), ("max_abs_diff", max), ("cosine", min), ("top1_agreement", min)):
+            if k in run:
+                worst[k] = pick(worst[k], run[k]) if k in worst else run[k]
+    return worst
 
 
 def within_noise(agree: dict, floor: dict, cfg: TargetOptions) -> bool:

@@ -156,3 +156,21 @@ def test_resnet_verifies_on_validation_images(compiled, shared_cifar):
     assert torch.equal(r.program.verify[0][0][:8], ver)
     calib = torch.cat([b[0] for b in r.program.calib])
     assert len(calib) == 1024 and not (calib[:, None] == ver[None]).flatten(2).all(2).any()
+
+
+def test_noise_floor_is_the_worst_of_its_perturbed_runs():
+    """Values on rounding ties: each perturbed run flips its own subset, so more runs see more."""
+    from torch import fx
+
+    from qcompiler.backends import ort as ob
+
+    class Tie(torch.nn.Module):
+        def forward(self, x):
+            return torch.round(x * 1.0)
+
+    gm = fx.symbolic_trace(Tie())
+    x = torch.arange(64, dtype=torch.float32).reshape(4, 16) + 0.5 + 1e-3 * (torch.arange(4)[:, None] == 0)
+    one, three = ob.noise_floor(gm, [(x,)], runs=1), ob.noise_floor(gm, [(x,)], runs=3)
+    assert one["worst_error"] > 0  # a float32 rounding flips ties
+    assert three["worst_error"] > one["worst_error"] and three["mean_error"] > one["mean_error"]
+    assert three["worst_sample"] != 0  # the first sample sits off the ties: nothing flips there
