@@ -174,3 +174,32 @@ def test_noise_floor_is_the_worst_of_its_perturbed_runs():
     assert one["worst_error"] > 0  # a float32 rounding flips ties
     assert three["worst_error"] > one["worst_error"] and three["mean_error"] > one["mean_error"]
     assert three["worst_sample"] != 0  # the first sample sits off the ties: nothing flips there
+
+
+def test_noise_floor_runs_the_model_with_torchs_reference_kernels_too():
+    """A leaf module whose result depends on the kernels torch picks: only that run sees it move."""
+    from torch import fx
+
+    from qcompiler.backends import ort as ob
+
+    class KernelDependent(torch.nn.Module):
+        def forward(self, x):
+            return x if torch.backends.mkldnn.enabled else x + 1.0
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = KernelDependent()
+
+        def forward(self, x):
+            return self.k(x)
+
+    class Leaf(fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, KernelDependent) or super().is_leaf_module(m, name)
+
+    net = Net()
+    gm = fx.GraphModule(net, Leaf().trace(net))
+    x = torch.ones(2, 3)
+    floor = ob.noise_floor(gm, [(x,)], runs=1)
+    assert floor["worst_error"] == pytest.approx(1.0)  # ||(x + 1) - x|| / ||x||
