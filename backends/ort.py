@@ -207,7 +207,6 @@ def noise_floor(model: torch.nn.Module, batches: list[Batch], ref: list[torch.Te
             return out
 
     ref = ref if ref is not None else outputs(lambda b: call(model, b), batches)
-    worst: dict[str, float] = {}
     def perturbed(seed: int) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
         return outputs(lambda b: Perturbed(model, gen).run(*(b.values() if isinstance(b, dict) else b)), batches)
@@ -216,6 +215,7 @@ def noise_floor(model: torch.nn.Module, batches: list[Batch], ref: list[torch.Te
         with torch.backends.mkldnn.flags(enabled=False):
             return outputs(lambda b: call(model, b), batches)
 
+    worst: dict[str, float] = {}
     for got in (*(perturbed(seed) for seed in range(runs)), reference_kernels()):
         run = agreement(ref, got)
         if not worst or run["worst_error"] > worst["worst_error"]:
