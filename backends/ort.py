@@ -179,45 +179,48 @@ def take_samples(batches: list[Batch], n: int) -> list[Batch]:
 
 
 #: Perturbed runs the noise floor takes the worst of: whether a float difference flips a whole step
-#: somewhere is a matter of chance: at 3-bit activations one run's worst sample ranged 0.015-0.24 over seeds.
+#: somewhere is a matter of chance, so one run's worst sample varies widely with its seed
+#: (bench/noise_floor.py).
 FLOOR_RUNS = 3
 
 
-def noise_floor(model: torch.nn.Module, batches: list[Batch], ref: list[torch.Tensor] | None = None,
+class _Perturbed(fx.Interpreter):
+    """Runs a graph with every float call_function/call_method result off by a random relative 2^-23."""
+
+    def __init__(self, gm: fx.GraphModule, gen: torch.Generator) -> None:
+        super().__init__(gm)
+        self.gen = gen
+
+    def run_node(self, n: fx.Node):  # noqa: ANN202
+        out = super().run_node(n)
+        if n.op in ("call_function", "call_method") and isinstance(out, torch.Tensor) and out.is_floating_point():
+            u = torch.rand(out.shape, generator=self.gen, dtype=out.dtype) * 2 - 1
+            out = out * (1 + u * 2.0**-23)
+        return out
+
+
+def noise_floor_run(model: fx.GraphModule, batches: list[Batch], ref: list[torch.Tensor],
+                    seed: int) -> dict[str, float]:
+    """The agreement metrics against ``ref`` of one run of ``model`` with every float operation's
+    result (LayerNorm, GELU, softmax, ...) off by about one float32 rounding, drawn with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return agreement(ref, outputs(lambda b: _Perturbed(model, gen).run(*(b.values() if isinstance(b, dict) else b)),
+                                  batches))
+
+
+def noise_floor(model: fx.GraphModule, batches: list[Batch], ref: list[torch.Tensor] | None = None,
                 runs: int = FLOOR_RUNS) -> dict[str, float]:
     """How far the fake-quant graph ``model`` moves from itself under float differences no runtime
     avoids, turned into whole-step flips now and then by the quantizers after them and compounded
-    through a deep network: ``runs`` runs (seeds 0, 1, ...) with every float operation's result
-    (LayerNorm, GELU, softmax, ...) off by about one float32 rounding (a random relative 2^-23), and
+    through a deep network: ``runs`` perturbed runs (:func:`noise_floor_run`, seeds 0, 1, ...) and
     one run with torch's reference convolution kernels instead of its oneDNN ones (another
-    accumulation order, as ORT's kernels have: on a ResNet-20 W3A3 model it moved the worst sample
-    by 0.23 where the perturbed runs moved it by at most 0.13). The agreement metrics of each run
-    against the plain one (``ref``, computed when not given), each the worst over the runs."""
-
-    class Perturbed(fx.Interpreter):
-        def __init__(self, gm: fx.GraphModule, gen: torch.Generator) -> None:
-            super().__init__(gm)
-            self.gen = gen
-
-        def run_node(self, n: fx.Node):  # noqa: ANN202
-            out = super().run_node(n)
-            if n.op in ("call_function", "call_method") and isinstance(out, torch.Tensor) and out.is_floating_point():
-                u = torch.rand(out.shape, generator=self.gen, dtype=out.dtype) * 2 - 1
-                out = out * (1 + u * 2.0**-23)
-            return out
-
+    accumulation order, as ORT's kernels have). Against the plain run (``ref``, computed when not
+    given): each agreement metric at its worst over the runs."""
     ref = ref if ref is not None else outputs(lambda b: call(model, b), batches)
-    def perturbed(seed: int) -> list[torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed)
-        return outputs(lambda b: Perturbed(model, gen).run(*(b.values() if isinstance(b, dict) else b)), batches)
-
-    def reference_kernels() -> list[torch.Tensor]:
-        with torch.backends.mkldnn.flags(enabled=False):
-            return outputs(lambda b: call(model, b), batches)
-
+    with torch.backends.mkldnn.flags(enabled=False):
+        reference_kernels = agreement(ref, outputs(lambda b: call(model, b), batches))
     worst: dict[str, float] = {}
-    for got in (*(perturbed(seed) for seed in range(runs)), reference_kernels()):
-        run = agreement(ref, got)
+    for run in (*(noise_floor_run(model, batches, ref, seed) for seed in range(runs)), reference_kernels):
         if not worst or run["worst_error"] > worst["worst_error"]:
             worst.update(worst_error=run["worst_error"], worst_sample=run["worst_sample"])
         for k, pick in (("mean_error", max), ("max_abs_diff", max), ("cosine", min), ("top1_agreement", min)):
