@@ -21,26 +21,25 @@ import torch
 from common import ROOT, compile_options, emit, quiet
 
 
-def moves(gm: torch.fx.GraphModule) -> list[tuple[str, int, collections.Counter, collections.Counter, float]]:
+def moves(program) -> list[tuple[str, int, collections.Counter, collections.Counter, float]]:  # noqa: ANN001
     """Per weight quantizer on a calibrated grid: (name, weights, |moves| counted, start levels of
     moves >= 4 counted, mean learned step / calibrated step)."""
+    from qcompiler.ir import registry
     from qcompiler.quantizers.uniform import UniformQuantizer
 
-    rows = []
-    for n in gm.graph.nodes:
-        if n.op != "call_module" or not n.args or getattr(n.args[0], "op", None) != "get_attr":
-            continue
-        q = gm.get_submodule(n.target)
+    gm, rows = program.gm, []
+    for n in program.quantizer_nodes("weight"):
+        q = gm.get_submodule(str(n.target))
         if not hasattr(q, "grid_scale"):
             continue
-        w = gm.get_parameter(n.args[0].target).detach().float()
+        w = registry.get_tensor(gm, str(n.args[0].target)).detach().float()
         rtn = UniformQuantizer(q.spec, q.scale.numel() if q.spec.axis is not None else None)
         rtn.scale.data, rtn.zero_point.data = q.grid_scale.clone(), q.zero_point.clone()
         before, after = rtn.int_repr(w), q.int_repr(w)
         d = (after - before).abs().int()
-        far = collections.Counter((before[d >= 4] - rtn.level_store(torch.full_like(w, rtn.qmin), w)[d >= 4])
-                                  .int().tolist())
-        rows.append((n.target, w.numel(), collections.Counter(d.flatten().tolist()), far,
+        bottom = rtn.level_store(torch.full_like(w, rtn.qmin), w)  # the stored integer of the grid's lowest level
+        far = collections.Counter((before - bottom)[d >= 4].int().tolist())
+        rows.append((str(n.target), w.numel(), collections.Counter(d.flatten().tolist()), far,
                      float((q.scale / q.grid_scale).mean())))
     return rows
 
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     import qcompiler
 
     r = qcompiler.compile(args.model, bits=args.bits, **compile_options(args.options))
-    rows = moves(r.program.gm)
+    rows = moves(r.program)
     if not rows:
         raise SystemExit("no weight quantizer on a calibrated grid (use a learned rounding method)")
     emit(f"{args.model} {args.bits} {' '.join(args.options)}\n\n{table(rows)}\n", args.out)
