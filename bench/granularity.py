@@ -6,10 +6,10 @@
 
 Part 1: each granularity (layer, block, mrecg-modcap, mrecg-loss) compiled with QDrop at the same
 seed, bits and iterations; per run the units, ORT top-1 on the model's evaluation set (with its
-validation and test halves where the model has them), the oscillation of the loss curve at the block
-outputs (``passes/reconstruct``: total upward variation of ln loss; the same points whatever the
-units), the reconstruction seconds and, for mrecg-loss, the probe's seconds. ``--plot`` draws every
-run's loss at the block outputs.
+validation and test halves where the model has them) and its top-1 agreement with the fake-quant
+model, the oscillation of the loss curve at the block outputs (``passes/reconstruct``: total upward
+variation of ln loss; the same points whatever the units), the reconstruction seconds and, for
+mrecg-loss, the probe's seconds. ``--plot`` draws every run's loss at the block outputs.
 
 Part 2 (``--random N``): N schemes that merge k random adjacent block pairs (pairwise, k as
 mrecg-modcap's, so every scheme has the same number of units), at ``--random-iters`` iterations,
@@ -23,48 +23,45 @@ import argparse
 import itertools
 import random
 import sys
-import time
 from pathlib import Path
 
+from accuracy import evaluate_all
 from common import ROOT, compile_options, emit, quiet
 
 GRANULARITIES = ("layer", "block", "mrecg-modcap", "mrecg-loss")
 
 
 def run(model: str, bits: str, merges: list[int] | None = None, **options) -> dict:
-    """One compile, its ORT top-1 on the model's evaluation set and its reconstruction report."""
-    import qcompiler
-    from qcompiler.api import load_model_file
-    from qcompiler.backends import ort as ob
+    """One compile (``accuracy.evaluate_all``: ORT top-1 on the model's evaluation set, ORT vs
+    fake-quant agreement) and its reconstruction report; ``merges`` replaces the MRECG pass by one
+    that merges those adjacent block pairs."""
     from qcompiler.config import resolve
     from qcompiler.passes import Mrecg
     from qcompiler.pipeline import default_passes, get_target
 
-    passes = None
     if merges is not None:
         config = resolve({"bits": bits, **options})
-        passes = [Mrecg(merges) if p.name == "mrecg" else p for p in default_passes(config, get_target(config))]
-    t0 = time.perf_counter()
-    r = qcompiler.compile(model, bits=bits, passes=passes, **options)
-    seconds = time.perf_counter() - t0
-    m = load_model_file(model).evaluate(ob.runner(ob.session(r.onnx_bytes)))
-    recon, part = r.report["reconstruction"], r.report.get("partition", {})
-    return {"top1": m["top1"], "val": m.get("top1_val"), "test": m.get("top1_test"), "units": len(recon["units"]),
-            "losses": recon["block_losses"], "oscillation": recon["oscillation"],
-            "recon_s": recon["seconds"], "probe_s": part.get("probe", {}).get("seconds"), "compile_s": seconds,
-            "merges": part.get("merges", []), "blocks": len(part.get("blocks", [])) or None,
-            "k": part.get("k")}
+        options["passes"] = [Mrecg(merges) if p.name == "mrecg" else p
+                             for p in default_passes(config, get_target(config))]
+    row = evaluate_all(model, bits, keep_result=True, **options)
+    report = row.pop("result").report
+    recon, part = report["reconstruction"], report.get("partition", {})
+    return {"top1": row["ort"], "val": row["ort_val"], "test": row["ort_test"], "agreement": row["agreement"],
+            "units": len(recon["units"]), "losses": recon["block_losses"], "oscillation": recon["oscillation"],
+            "recon_s": recon["seconds"], "probe_s": part.get("probe", {}).get("seconds"),
+            "compile_s": row["compile_s"], "merges": part.get("merges", []),
+            "blocks": len(part.get("blocks", [])) or None, "k": part.get("k")}
 
 
 def part1_table(rows: dict[str, dict], head: str) -> str:
-    lines = [head, "", "| granularity | units | ORT top-1 | val / test halves | oscillation | reconstruction s | "
-             "probe s | merges |", "|---|---|---|---|---|---|---|---|"]
+    lines = [head, "", "| granularity | units | ORT top-1 | val / test halves | ORT vs fake-quant agreement | "
+             "oscillation | reconstruction s | probe s | merges |", "|---|---|---|---|---|---|---|---|---|"]
     for g, r in rows.items():
         halves = f"{r['val']:.2f} / {r['test']:.2f}" if r["val"] is not None else "-"
         merges = "; ".join(" + ".join(x.split(":", 1)[1] for x in m) for m in r["merges"]) or "-"
         probe = f"{r['probe_s']:.1f}" if r["probe_s"] is not None else "-"
-        lines.append(f"| {g} | {r['units']} | {r['top1']:.2f} | {halves} | {r['oscillation']:.3f} | "
-                     f"{r['recon_s']:.1f} | {probe} | {merges} |")
+        lines.append(f"| {g} | {r['units']} | {r['top1']:.2f} | {halves} | {r['agreement']:.2f}% | "
+                     f"{r['oscillation']:.3f} | {r['recon_s']:.1f} | {probe} | {merges} |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict] = {}
     for g in args.granularities:
         rows[g] = run(args.model, args.bits, granularity=g, iters=args.iters, **options)
-        print(f"{g}: ORT {rows[g]['top1']:.2f}, oscillation {rows[g]['oscillation']:.3f}, "
-              f"{rows[g]['compile_s']:.0f} s", flush=True)
+        r = rows[g]
+        print(f"{g}: ORT {r['top1']:.2f} (agreement {r['agreement']:.2f}%), oscillation {r['oscillation']:.3f}, "
+              f"{r['compile_s']:.0f} s", flush=True)
     text = part1_table(rows, f"{stem} {args.bits}, QDrop, {args.iters} iterations per unit, "
                              f"options {options}")
     if args.plot:
