@@ -23,10 +23,12 @@ import torch
 from common import ROOT, compile_options, emit, quiet
 
 
-def evaluate_all(model_file: str, bits: str, keep_result: bool = False, **options) -> dict:
+def evaluate_all(model_file: str, bits: str, keep_result: bool = False, references: bool = True, **options) -> dict:
     """One compile, evaluated as float, fake-quant (ORT's integer arithmetic), fake-quant with float
     requantization, and in ORT; agreements are ORT's top-1 against each fake-quant version. With
-    ``keep_result`` the row also holds the ``CompileResult`` (key ``result``)."""
+    ``keep_result`` the row also holds the ``CompileResult`` (key ``result``); without
+    ``references`` the float model and the float-requantizing graph are not evaluated (their keys
+    are None)."""
     import qcompiler
     from qcompiler.api import load_model_file
     from qcompiler.backends import ort as ob
@@ -46,9 +48,10 @@ def evaluate_all(model_file: str, bits: str, keep_result: bool = False, **option
 
     sess = ob.session(r.onnx_bytes)
     with torch.no_grad():
-        m_float = ev(lambda b: r.program.model(*b))
+        m_float = ev(lambda b: r.program.model(*b)) if references else {"top1": None}
         m_fq = ev(rec(lambda b: r.fake_quant(*b), "fake_quant"))
-        ev(rec(lambda b: r.program.gm(*b), "float_requant"))
+        if references:
+            ev(rec(lambda b: r.program.gm(*b), "float_requant"))
         m_ort = ev(rec(ob.runner(sess), "ort"))
     ort_top1 = torch.cat(outs["ort"]).argmax(1)
 
@@ -58,7 +61,8 @@ def evaluate_all(model_file: str, bits: str, keep_result: bool = False, **option
     return {"model": Path(model_file).stem, "bits": bits, "options": options, "float": m_float["top1"],
             "fake_quant": m_fq["top1"], "ort": m_ort["top1"], "n": m_ort["n"], "dataset": m_ort.get("dataset"),
             "ort_val": m_ort.get("top1_val"), "ort_test": m_ort.get("top1_test"),
-            "agreement": agreement("fake_quant"), "float_requant_agreement": agreement("float_requant"),
+            "agreement": agreement("fake_quant"),
+            "float_requant_agreement": agreement("float_requant") if references else None,
             "compile_s": compile_s, "int_kernels": sum(r.checks["integer_kernels"]["integer_kernels"].values()),
             **({"result": r} if keep_result else {})}
 

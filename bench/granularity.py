@@ -43,7 +43,7 @@ def run(model: str, bits: str, merges: list[int] | None = None, **options) -> di
         config = resolve({"bits": bits, **options})
         options["passes"] = [Mrecg(merges) if p.name == "mrecg" else p
                              for p in default_passes(config, get_target(config))]
-    row = evaluate_all(model, bits, keep_result=True, **options)
+    row = evaluate_all(model, bits, keep_result=True, references=False, **options)
     report = row.pop("result").report
     recon, part = report["reconstruction"], report.get("partition", {})
     return {"top1": row["ort"], "val": row["ort_val"], "test": row["ort_test"], "agreement": row["agreement"],
