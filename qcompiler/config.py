@@ -176,7 +176,8 @@ class ReconConfig:
     reg_relative: float = knob(0.0, "scale each unit's rounding regulariser to the unit: weight R x (its loss before "
                                     "training) / (its rounding choices), so the regulariser at its largest is R times "
                                     "that loss (0: the fixed --reg-weight)", metavar="R")
-    w_step_lr: float = knob(0.0, "also learn the weight steps, Adam lr relative to each step (0: fixed)")
+    w_step_lr: float = knob(0.0, "also learn the weight steps, Adam lr relative to each step (0: fixed); FlexRound: "
+                                 "the rate of its shared divisors s1, s3, s4 (0: --w-lr, as S2)")
     bias_correct: bool = knob(False, "before and after training each unit, move each layer's bias by the per-channel "
                                      "mean its quantized output is off from the float one")
     holdout: int = knob(0, "keep the last N calibration samples out of training and report each unit's loss on them",

@@ -56,6 +56,17 @@ def test_flexround_gradient_wrt_s2_is_minus_w_over_s2_squared_times_the_output_g
     assert inside.mean() < 1.0 and inside.mean() > 0.5  # both kinds of weights occur
 
 
+def test_flexround_shared_divisors_take_w_step_lr_when_set():
+    q, w = _calibrated(SPECS["affine"])
+    one = FlexRoundQuantizer.from_quantizer(q, w).begin_training(ReconConfig(iters=10, w_lr=4e-4))
+    assert [(g.lr, len(g.params)) for g in one] == [(4e-4, 4)]  # the paper's one rate
+    fr = FlexRoundQuantizer.from_quantizer(q, w)
+    groups = fr.begin_training(ReconConfig(iters=10, w_lr=1e-3, w_step_lr=1e-4))
+    rates = {id(p): g.lr for g in groups for p in g.params}
+    assert rates == {id(fr.log_s2): 1e-3, id(fr.log_r1): 1e-4, id(fr.log_s3): 1e-4, id(fr.log_s4): 1e-4}
+    assert len({g.key for g in groups}) == 2  # two optimizer groups, not merged into one rate
+
+
 def test_flexround_hardened_lowers_to_the_integers_its_forward_dequantizes():
     q, w = _calibrated(SPECS["affine"])
     fr = FlexRoundQuantizer.from_quantizer(q, w)

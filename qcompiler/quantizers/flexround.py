@@ -11,7 +11,9 @@ quantizer starts exactly at round-to-nearest. Training passes the rounding strai
 weight whose level is clamped passes no gradient through ``w / D``): the gradient with respect to
 S2 is ``-s1 * [inside] * w / (s1 * D * S2)``, i.e. proportional to ``-w / S2^2``, and s1 receives
 LSQ's ``level - w / (s1 D)`` inside the range and ``level`` outside. One learning rate
-(``recon.weight_lr()``), no regulariser. Hardening keeps ``D`` as a buffer: the stored integers are
+(``recon.weight_lr()``, the paper's), or, when ``recon.w_step_lr`` is set, that rate for S2 alone
+and ``w_step_lr`` for the shared s1, s3 and s4 (a rate on a logarithm is relative to the value, as
+the other families' step rates are); constant either way, no regulariser. Hardening keeps ``D`` as a buffer: the stored integers are
 the uniform grid's integers of ``w / D`` read with step s1, so the lowering is any uniform weight's.
 """
 
@@ -83,11 +85,16 @@ class FlexRoundQuantizer(UniformQuantizer, Trainable):
         return [p for p in (self.log_r1, self.log_s2, self.log_s3, self.log_s4) if p is not None]
 
     def begin_training(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
-        """s1, S2, s3 (and s4) at ``recon.weight_lr()``, constant."""
+        """S2 at ``recon.weight_lr()``; s1, s3 (and s4) at ``recon.w_step_lr`` when it is set, else at
+        the same rate as S2; constant."""
         self.training_grid = True
         for p in self._learned():
             p.requires_grad_(True)
-        return [ParamGroup("flexround", self._learned(), recon.weight_lr())]
+        if recon.w_step_lr <= 0:
+            return [ParamGroup("flexround", self._learned(), recon.weight_lr())]
+        shared = [p for p in self._learned() if p is not self.log_s2]
+        return [ParamGroup("flexround", [self.log_s2], recon.weight_lr()),
+                ParamGroup("flexround.shared", shared, recon.w_step_lr)]
 
     @torch.no_grad()
     def harden(self) -> None:
