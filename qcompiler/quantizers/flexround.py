@@ -13,8 +13,9 @@ S2 is ``-s1 * [inside] * w / (s1 * D * S2)``, i.e. proportional to ``-w / S2^2``
 LSQ's ``level - w / (s1 D)`` inside the range and ``level`` outside. One learning rate
 (``recon.weight_lr()``, the paper's), or, when ``recon.w_step_lr`` is set, that rate for S2 alone
 and ``w_step_lr`` for the shared s1, s3 and s4 (a rate on a logarithm is relative to the value, as
-the other families' step rates are); constant either way, no regulariser. Hardening keeps ``D`` as a buffer: the stored integers are
-the uniform grid's integers of ``w / D`` read with step s1, so the lowering is any uniform weight's.
+the other families' step rates are); constant either way, no regulariser. Hardening keeps ``D``
+as a buffer: the stored integers are the uniform grid's integers of ``w / D`` read with step s1,
+so the lowering is any uniform weight's.
 """
 
 from __future__ import annotations
