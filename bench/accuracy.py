@@ -13,7 +13,6 @@ rounding ties float arithmetic flips.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -85,14 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", default=None)
     p.add_argument("--bits", nargs="+", default=["w8a8", "w4a4"], help="put KEY=VALUE options before --bits")
     p.add_argument("--out")
-    p.add_argument("--progress", action="store_true", help="log the compile's progress to stderr (long runs)")
+    p.add_argument("--progress", action="store_true", help="a line per reconstructed unit on stderr (long runs)")
     p.add_argument("options", nargs="*", help="compile options KEY=VALUE (e.g. a_init=minmax); model.KEY=VALUE "
                    "goes to the model file's functions (e.g. model.views=2)")
     args = p.parse_args(argv)
-    quiet()
-    if args.progress:
-        logging.basicConfig(format="%(asctime)s %(message)s")
-        logging.getLogger("qcompiler").setLevel(logging.INFO)
+    quiet(progress=args.progress)
     options = compile_options(args.options)
     model_args = {k[len("model."):]: v for k, v in options.items() if k.startswith("model.")}
     options = {k: v for k, v in options.items() if not k.startswith("model.")}

@@ -25,12 +25,22 @@ def _value(v: str):
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
-def quiet() -> None:
-    """Only errors from qcompiler and the exporter stack: the bench prints its own table."""
+def quiet(progress: bool = False) -> None:
+    """Only errors from qcompiler and the exporter stack: the bench prints its own table. With
+    ``progress``, reconstruction's line per finished unit (its losses, its seconds and the time
+    left) goes to stderr too, with the time of day, so a run of hours shows where it is."""
     from qcompiler.logs import quiet_exporters
 
     quiet_exporters()
     logging.getLogger("qcompiler").setLevel(logging.ERROR)
+    units = logging.getLogger("qcompiler.reconstruct")
+    units.setLevel(logging.INFO if progress else logging.NOTSET)
+    units.propagate = not progress  # its lines print once, through its own handler
+    if progress and not any(getattr(h, "qc_progress", False) for h in units.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.qc_progress = True
+        units.addHandler(handler)
 
 
 def machine() -> str:

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot")
     p.add_argument("options", nargs="*", help="further compile options KEY=VALUE (before --granularities)")
     args = p.parse_args(argv)
-    quiet()
+    quiet(progress=True)
     stem = Path(args.model).stem
     options = {"method": "qdrop", **compile_options(args.options)}
     rows: dict[str, dict] = {}

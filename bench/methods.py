@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out")
     p.add_argument("options", nargs="*", help="further compile options KEY=VALUE (e.g. batch_size=32)")
     args = p.parse_args(argv)
-    quiet()
+    quiet(progress=True)
     stem = Path(args.model).stem
     bits = args.bits or DEFAULT_BITS.get(stem, ["w4a4"])
     options = compile_options(args.options)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out")
     p.add_argument("settings", nargs="+", help="KEY=VALUE,KEY=VALUE (or - for the defaults)")
     args = p.parse_args(argv)
-    quiet()
+    quiet(progress=True)
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
     many = args.seeds > 1

@@ -84,9 +84,11 @@ def train_unit(recon: ReconConfig, seed: int, gm: fx.GraphModule, sub: fx.GraphM
     fp_in = [None if torch.equal(f, q) else f for f, q in zip(fp_in, q_in, strict=True)]
     n = fp_out.shape[0]
     probe = max(1, min(25, recon.iters // 10))  # the estimate times iterations probe..2*probe
+    # the bar only on a terminal (tqdm's disable=None): into a file it is a line per refresh
     bar = tqdm(range(recon.iters), desc=unit.name, unit="it", leave=False,
-               disable=not log.isEnabledFor(logging.INFO) or recon.iters < 50)
-    with modes(gm, sub, "quant"), logging_redirect_tqdm():  # log lines print above the progress bar
+               disable=None if log.isEnabledFor(logging.INFO) and recon.iters >= 50 else True)
+    # log lines print above the progress bar, from the root's handlers and from this logger's own
+    with modes(gm, sub, "quant"), logging_redirect_tqdm([logging.getLogger(), log]):
         try:
             for it in bar:
                 idx = torch.randint(0, n, (min(recon.batch_size, n),), generator=gen)
