@@ -171,6 +171,8 @@ class ReconConfig:
                                 "over micro-batches, so memory does not bound the batch", metavar="N")
     w_lr: float | None = knob(None, "weight-rounding learning rate (default 1e-2 up to 2000 iterations, then "
                                     "1e-2 x 2000 / iters)")
+    w_lr_decay: bool = knob(False, "the weight family's --w-lr follows a cosine to 0 over each unit's iterations "
+                                   "(AdaRound's alpha, FlexRound's divisors, Mr.BiQ's codes; constant when off)")
     a_lr: float | None = knob(None, "activation step learning rate (default 4e-5, scaled like --w-lr)")
     reg_weight: float = knob(0.01, "weight of the rounding regulariser")
     reg_relative: float = knob(0.0, "scale each unit's rounding regulariser to the unit: weight R x (its loss before "

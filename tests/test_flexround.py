@@ -67,6 +67,22 @@ def test_flexround_shared_divisors_take_w_step_lr_when_set():
     assert len({g.key for g in groups}) == 2  # two optimizer groups, not merged into one rate
 
 
+@pytest.mark.parametrize("decay", [False, True])
+def test_flexround_rate_decays_to_zero_only_with_w_lr_decay(decay):
+    from qcompiler.passes.reconstruct.trainer import _optimizer
+
+    q, w = _calibrated(SPECS["affine"])
+    recon = ReconConfig(iters=10, w_lr=4e-4, w_step_lr=1e-4, w_lr_decay=decay)
+    opt, sched = _optimizer(FlexRoundQuantizer.from_quantizer(q, w).begin_training(recon), recon.iters)
+    assert [g["lr"] for g in opt.param_groups] == [4e-4, 1e-4]
+    for _ in range(recon.iters):
+        opt.step()
+        if sched is not None:
+            sched.step()
+    end = [g["lr"] for g in opt.param_groups]
+    assert end == ([pytest.approx(0.0, abs=1e-12)] * 2 if decay else [4e-4, 1e-4])
+
+
 def test_flexround_hardened_lowers_to_the_integers_its_forward_dequantizes():
     q, w = _calibrated(SPECS["affine"])
     fr = FlexRoundQuantizer.from_quantizer(q, w)

@@ -195,12 +195,13 @@ class AdaRoundQuantizer(UniformQuantizer, Trainable):
     # -- the trainer's protocol (family.Trainable)
 
     def begin_training(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
-        """Soft rounding; ``alpha`` at ``recon.weight_lr()``, constant; with ``recon.w_step_lr`` also
-        the step, relative to its mean and cosine-decayed; the regulariser on ``BetaSchedule``."""
+        """Soft rounding; ``alpha`` at ``recon.weight_lr()`` (cosine-decayed with ``recon.w_lr_decay``);
+        with ``recon.w_step_lr`` also the step, relative to its mean and cosine-decayed; the
+        regulariser on ``BetaSchedule``."""
         self.soft = True
         self.alpha.requires_grad_(True)
         self._beta = BetaSchedule(recon.iters, warmup=0.2) if recon.iters else None
-        groups = [ParamGroup("adaround.alpha", [self.alpha], recon.weight_lr())]
+        groups = [ParamGroup("adaround.alpha", [self.alpha], recon.weight_lr(), decay=recon.w_lr_decay)]
         self._learn_step = recon.w_step_lr > 0
         if self._learn_step:
             self.scale.requires_grad_(True)

@@ -13,9 +13,9 @@ S2 is ``-s1 * [inside] * w / (s1 * D * S2)``, i.e. proportional to ``-w / S2^2``
 LSQ's ``level - w / (s1 D)`` inside the range and ``level`` outside. One learning rate
 (``recon.weight_lr()``, the paper's), or, when ``recon.w_step_lr`` is set, that rate for S2 alone
 and ``w_step_lr`` for the shared s1, s3 and s4 (a rate on a logarithm is relative to the value, as
-the other families' step rates are); constant either way, no regulariser. Hardening keeps ``D``
-as a buffer: the stored integers are the uniform grid's integers of ``w / D`` read with step s1,
-so the lowering is any uniform weight's.
+the other families' step rates are); constant either way (cosine-decayed to 0 with
+``recon.w_lr_decay``), no regulariser. Hardening keeps ``D`` as a buffer: the stored integers are
+the uniform grid's integers of ``w / D`` read with step s1, so the lowering is any uniform weight's.
 """
 
 from __future__ import annotations
@@ -87,15 +87,15 @@ class FlexRoundQuantizer(UniformQuantizer, Trainable):
 
     def begin_training(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
         """S2 at ``recon.weight_lr()``; s1, s3 (and s4) at ``recon.w_step_lr`` when it is set, else at
-        the same rate as S2; constant."""
+        the same rate as S2; constant, or cosine-decayed with ``recon.w_lr_decay``."""
         self.training_grid = True
         for p in self._learned():
             p.requires_grad_(True)
         if recon.w_step_lr <= 0:
-            return [ParamGroup("flexround", self._learned(), recon.weight_lr())]
+            return [ParamGroup("flexround", self._learned(), recon.weight_lr(), decay=recon.w_lr_decay)]
         shared = [p for p in self._learned() if p is not self.log_s2]
-        return [ParamGroup("flexround", [self.log_s2], recon.weight_lr()),
-                ParamGroup("flexround.shared", shared, recon.w_step_lr)]
+        return [ParamGroup("flexround", [self.log_s2], recon.weight_lr(), decay=recon.w_lr_decay),
+                ParamGroup("flexround.shared", shared, recon.w_step_lr, decay=recon.w_lr_decay)]
 
     @torch.no_grad()
     def harden(self) -> None:

@@ -84,8 +84,9 @@ def binary_code(w2d: torch.Tensor, k: int, rounds: int = INIT_ROUNDS) -> tuple[t
 
 class _Codes(Trainable):
     """The learning both forms share: ``codes`` (k, *weight shape) in [-1, 1] at
-    ``recon.weight_lr()``, constant, and the form's scales (``_scales()``: Mr.BiQ's ``alpha``, the
-    uniform form's step) at ``recon.w_step_lr`` times their mean, cosine-decayed, kept positive."""
+    ``recon.weight_lr()``, constant (cosine-decayed with ``recon.w_lr_decay``), and the form's scales
+    (``_scales()``: Mr.BiQ's ``alpha``, the uniform form's step) at ``recon.w_step_lr`` times their
+    mean, cosine-decayed, kept positive."""
 
     codes: nn.Parameter
 
@@ -99,11 +100,12 @@ class _Codes(Trainable):
                              f"got {tuple(w.shape)}")
 
     def begin_training(self, recon) -> list[ParamGroup]:  # noqa: ANN001 - ReconConfig
-        """Codes at ``recon.weight_lr()``, scales at ``recon.w_step_lr`` relative (none when 0)."""
+        """Codes at ``recon.weight_lr()`` (cosine-decayed with ``recon.w_lr_decay``), scales at
+        ``recon.w_step_lr`` relative (none when 0)."""
         self.codes.requires_grad_(True)
         self._beta = BetaSchedule(recon.iters, warmup=0.2) if recon.iters else None
         self._reg_on = False
-        groups = [ParamGroup("mrbiq.codes", [self.codes], recon.weight_lr())]
+        groups = [ParamGroup("mrbiq.codes", [self.codes], recon.weight_lr(), decay=recon.w_lr_decay)]
         scale, _ = self._scales()
         if recon.w_step_lr > 0:
             scale.requires_grad_(True)
