@@ -58,12 +58,13 @@ register(Method("qdrop", "QDrop: BRECQ with LSQ activation steps, each activatio
                 RECONSTRUCTION, {"granularity": "block", "weight_quantizer": "adaround", "act_quantizer": "lsq",
                                  "qdrop": 0.5}))
 register(Method("flexround", "FlexRound: element-wise learned weight grid divisors, block by block, float activations "
-                "in the loop (the paper's BRECQ setting)", RECONSTRUCTION,
-                {"granularity": "block", "weight_quantizer": "flexround", "qdrop": 1.0, "w_lr": 4e-4}))
+                "in the loop (the paper's BRECQ setting); its rate cosine-decayed to 0 over each unit", RECONSTRUCTION,
+                {"granularity": "block", "weight_quantizer": "flexround", "qdrop": 1.0, "w_lr": 1e-3,
+                 "w_lr_decay": True}))
 register(Method("flexround-qdrop", "FlexRound in QDrop's setting: LSQ activation steps, activations dropped to float "
                 "at 0.5", RECONSTRUCTION,
                 {"granularity": "block", "weight_quantizer": "flexround", "act_quantizer": "lsq", "qdrop": 0.5,
-                 "w_lr": 4e-4}))
+                 "w_lr": 1e-3, "w_lr_decay": True}))
 register(Method("mrbiq", "Mr.BiQ: binary-coded weights (sum of bits +-1 codes times per-channel scales), codes and "
                 "scales learned block by block; no integer form (deploy with --target onnx-fp)", RECONSTRUCTION,
                 {"granularity": "block", "weight_quantizer": "mrbiq", "qdrop": 1.0, "w_lr": 1e-2,

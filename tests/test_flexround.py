@@ -67,6 +67,15 @@ def test_flexround_shared_divisors_take_w_step_lr_when_set():
     assert len({g.key for g in groups}) == 2  # two optimizer groups, not merged into one rate
 
 
+def test_flexround_recipes_decay_the_rate_to_zero():
+    from qcompiler.config import resolve
+
+    for method in ("flexround", "flexround-qdrop"):
+        recon = resolve({"method": method}).recon
+        assert (recon.w_lr, recon.w_lr_decay) == (1e-3, True)
+        assert resolve({"method": method, "w_lr_decay": False}).recon.w_lr_decay is False  # an option overrides it
+
+
 @pytest.mark.parametrize("decay", [False, True])
 def test_flexround_rate_decays_to_zero_only_with_w_lr_decay(decay):
     from qcompiler.passes.reconstruct.trainer import _optimizer
